@@ -1,0 +1,173 @@
+"""Plain PyTorch attention kernels: the CPU path and the oracle every other kernel is tested against.
+
+Layout follows Hugging Face: ``q`` is ``(B, Hq, Lq, D)``, ``k`` and ``v`` are ``(B, Hkv, Lk, D)``; the
+``Lq`` queries are the last ``Lq`` positions of the ``Lk`` keys (bottom-right causal alignment, as with
+a KV cache). ``seq_start[b]`` is the first valid key of sequence ``b`` (left padding); earlier keys are
+never read. Every kernel returns the output (dtype of ``q``) and the natural-log log-sum-exp of the scaled
+scores (float32, ``(B, Hq, Lq)``; ``-inf`` for a query that sees no key, whose output is zero).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .checks import check_attention_inputs, num_query_blocks
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention in float32 over ``(..., M, D)`` queries and ``(..., N, D)`` keys under a
+    boolean ``(..., M, N)`` mask; rows with no allowed key give zeros and ``-inf``."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.nan_to_num(neginf=0.0).unsqueeze(-1))
+    out = torch.matmul(probs, v.float())
+    return out, lse
+
+
+def _gather_blocks(x: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
+    """Gather tokens ``(B, G, N)`` from ``x`` ``(B, Hkv, Lk, D)``; G is Hkv or 1 (shared lists)."""
+    b, hkv, _, d = x.shape
+    g = token_idx.shape[1]
+    if g != hkv:
+        token_idx = token_idx.expand(b, hkv, token_idx.shape[-1])
+    return torch.gather(x, 2, token_idx.unsqueeze(-1).expand(*token_idx.shape, d))
+
+
+def _selected_tokens(
+    block_ids: torch.Tensor, counts: torch.Tensor, block_size: int, num_keys: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices ``(..., K*bs)`` of the selected blocks and whether each is a real, in-range token."""
+    k = block_ids.shape[-1]
+    live = torch.arange(k, device=block_ids.device) < counts.unsqueeze(-1)
+    offsets = torch.arange(block_size, device=block_ids.device)
+    tokens = block_ids.long().clamp(min=0).unsqueeze(-1) * block_size + offsets
+    valid = live.unsqueeze(-1) & (tokens < num_keys)
+    shape = (*block_ids.shape[:-1], k * block_size)
+    return tokens.clamp(max=num_keys - 1).reshape(shape), valid.reshape(shape)
+
+
+def dense_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    seq_start: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal dense attention, computed in query chunks so memory stays linear in length."""
+    b, hq, lq, d = check_attention_inputs(q, k, v, seq_start)
+    hkv, lk = k.shape[1], k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    group = hq // hkv
+    offset = lk - lq
+    start = seq_start.view(b, 1, 1, 1) if seq_start is not None else 0
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    key_pos = torch.arange(lk, device=q.device)
+    for a in range(0, lq, chunk):
+        e = min(lq, a + chunk)
+        qc = q[:, :, a:e].reshape(b, hkv, group * (e - a), d)
+        qpos = (torch.arange(a, e, device=q.device) + offset).repeat(group)
+        allowed = (key_pos <= qpos.unsqueeze(-1)) & (key_pos >= start)
+        o, s = _attend(qc, k, v, allowed.expand(b, hkv, -1, -1), scale)
+        out[:, :, a:e] = o.view(b, hq, e - a, d).to(q.dtype)
+        lse[:, :, a:e] = s.view(b, hq, e - a)
+    return out, lse
+
+
+def block_sparse_prefill_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_ids: torch.Tensor,
+    counts: torch.Tensor,
+    block_size: int,
+    *,
+    scale: float | None = None,
+    seq_start: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention where query block ``r`` reads only the key blocks ``block_ids[b, g, r, :counts]``.
+
+    Rows are query blocks aligned to absolute positions: row 0 is the block holding the first query.
+    Works one query block at a time over the gathered keys, so cost follows the density.
+    """
+    b, hq, lq, d = check_attention_inputs(q, k, v, seq_start)
+    hkv, lk = k.shape[1], k.shape[2]
+    _check_selection(block_ids, counts, b, hkv, num_query_blocks(lq, lk, block_size))
+    scale = d**-0.5 if scale is None else scale
+    group = hq // hkv
+    offset = lk - lq
+    first = offset // block_size
+    start = seq_start.view(b, 1, 1, 1) if seq_start is not None else 0
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    for r in range(block_ids.shape[2]):
+        qa = max(offset, (first + r) * block_size) - offset
+        qe = min(lk, (first + r + 1) * block_size) - offset
+        tokens, valid = _selected_tokens(block_ids[:, :, r], counts[:, :, r], block_size, lk)
+        ks, vs = _gather_blocks(k, tokens), _gather_blocks(v, tokens)
+        qpos = (torch.arange(qa, qe, device=q.device) + offset).repeat(group)
+        tok = tokens.expand(b, hkv, -1).unsqueeze(2)
+        allowed = valid.expand(b, hkv, -1).unsqueeze(2) & (tok <= qpos.view(1, 1, -1, 1)) & (tok >= start)
+        qc = q[:, :, qa:qe].reshape(b, hkv, group * (qe - qa), d)
+        o, s = _attend(qc, ks, vs, allowed, scale)
+        out[:, :, qa:qe] = o.view(b, hq, qe - qa, d).to(q.dtype)
+        lse[:, :, qa:qe] = s.view(b, hq, qe - qa)
+    return out, lse
+
+
+def sparse_decode_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_ids: torch.Tensor,
+    counts: torch.Tensor,
+    block_size: int,
+    *,
+    scale: float | None = None,
+    seq_start: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1..T new queries (the last T positions) against the key blocks ``block_ids[b, g, :counts[b, g]]``.
+
+    ``block_ids`` is ``(B, G, K)`` and ``counts`` ``(B, G)``, G being Hkv or 1. The T queries share the
+    list; each still sees only keys at or before its own position.
+    """
+    b, hq, t, d = check_attention_inputs(q, k, v, seq_start)
+    hkv, lk = k.shape[1], k.shape[2]
+    _check_selection(block_ids.unsqueeze(2), counts.unsqueeze(2), b, hkv, 1)
+    scale = d**-0.5 if scale is None else scale
+    group = hq // hkv
+    tokens, valid = _selected_tokens(block_ids, counts, block_size, lk)
+    ks, vs = _gather_blocks(k, tokens), _gather_blocks(v, tokens)
+    qpos = (torch.arange(t, device=q.device) + lk - t).repeat(group)
+    start = seq_start.view(b, 1, 1, 1) if seq_start is not None else 0
+    tok = tokens.expand(b, hkv, -1).unsqueeze(2)
+    allowed = valid.expand(b, hkv, -1).unsqueeze(2) & (tok <= qpos.view(1, 1, -1, 1)) & (tok >= start)
+    o, s = _attend(q.reshape(b, hkv, group * t, d), ks, vs, allowed, scale)
+    return o.view(b, hq, t, d).to(q.dtype), s.view(b, hq, t)
+
+
+def _check_selection(block_ids: torch.Tensor, counts: torch.Tensor, b: int, hkv: int, rows: int) -> None:
+    if block_ids.dim() != 4 or counts.shape != block_ids.shape[:3]:
+        raise ValueError(
+            f"block_ids must be (B, G, R, K) with counts (B, G, R); got {tuple(block_ids.shape)} "
+            f"and {tuple(counts.shape)}"
+        )
+    if block_ids.shape[0] != b or block_ids.shape[1] not in (1, hkv) or block_ids.shape[2] != rows:
+        raise ValueError(
+            f"block_ids has shape {tuple(block_ids.shape)}; expected batch {b}, groups 1 or {hkv} "
+            f"(the kv heads), and {rows} query-block rows"
+        )
+    if block_ids.dtype not in (torch.int32, torch.int64) or counts.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"block_ids and counts must be int32 or int64, got {block_ids.dtype}, {counts.dtype}")
+
+
+def blocks_in(length: int, block_size: int) -> int:
+    """Number of blocks covering ``length`` tokens."""
+    return math.ceil(length / block_size)
