@@ -1,0 +1,71 @@
+"""Small helpers shared by the Triton kernels: validation messages, strides, device facts."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (32, 64, 128)
+
+
+def interpreting() -> bool:
+    """True when kernels run in Triton's CPU interpreter (triton reads the variable at jit time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def require(kernel: str, name: str, value: int, allowed: tuple[int, ...]) -> None:
+    """Reject a value the compiled kernel cannot take, naming the parameter and what it accepts."""
+    if value not in allowed:
+        raise ValueError(f"{kernel}: {name} must be one of {allowed} for the Triton kernel, got {value}")
+
+
+def require_range(kernel: str, name: str, value: int, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        raise ValueError(f"{kernel}: {name} must be in [{lo}, {hi}] for the Triton kernel, got {value}")
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The kernels address rows by stride but read each row as one contiguous vector."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def as_int32(x: torch.Tensor) -> torch.Tensor:
+    """int32 view for the kernels, keeping broadcast (zero) strides of expanded selections."""
+    x = x if x.dtype == torch.int32 else x.to(torch.int32)
+    return x if x.dim() == 0 or x.stride(-1) == 1 else x.contiguous()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use exact fp32 products (tf32 would miss the 1e-5 fp32 tolerance)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small stand-in on CPU, where the interpreter runs)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@triton.jit
+def mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot`` in fp32 accumulation. ``UPCAST`` (interpreter only) feeds fp32 operands, since
+    Triton 3.6's CPU interpreter multiplies the raw bits of bfloat16 operands."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
