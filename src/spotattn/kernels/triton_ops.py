@@ -14,13 +14,18 @@ from ._triton.decode import (
     sparse_decode_paged_ref,
 )
 from ._triton.prefill import PREFILL_BLOCK_SIZES, block_sparse_prefill
+from ._triton.scoring import block_scores, block_scores_ref, select_blocks_device, selection_width
 
 __all__ = [
     "DECODE_BLOCK_SIZES",
     "MAX_DECODE_QUERIES",
     "PREFILL_BLOCK_SIZES",
+    "block_scores",
+    "block_scores_ref",
     "block_sparse_prefill",
     "choose_splits",
+    "select_blocks_device",
+    "selection_width",
     "sparse_decode",
     "sparse_decode_paged",
     "sparse_decode_paged_ref",
