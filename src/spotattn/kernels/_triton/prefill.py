@@ -24,24 +24,23 @@ PREFILL_BLOCK_SIZES = (64, 128)
 def _configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    out = []
-    for block_n in (64, 128):
-        for warps, stages in ((4, 3), (8, 3), (8, 2), (4, 4)):
-            out.append(triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
-    return out
+    shapes = [(64, 4, 3), (64, 8, 3), (64, 4, 2), (128, 8, 3), (128, 8, 2), (32, 8, 2)]
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes]
 
 
 def _prune(configs, named_args, **kwargs):
     bs, d = kwargs["BS"], kwargs["HEAD_DIM"]
-    keep = [c for c in configs if c.kwargs["BLOCK_N"] <= bs]
-    if d <= 64:  # small heads: wide key tiles and 4 warps are enough
+    if kwargs["PREC"] == "ieee":  # fp32 tiles are twice the bytes: the narrow tile fits shared memory
+        return [c for c in configs if c.kwargs["BLOCK_N"] == 32]
+    keep = [c for c in configs if 64 <= c.kwargs["BLOCK_N"] <= bs]
+    if d <= 64:  # small heads: 4 warps are enough
         keep = [c for c in keep if c.num_warps == 4] or keep
     return keep or configs[:1]
 
 
 @triton.autotune(
     configs=_configs(),
-    key=["BS", "HEAD_DIM", "SHARED", "HAS_START", "PREC"],
+    key=["BS", "HEAD_DIM", "PREC"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
