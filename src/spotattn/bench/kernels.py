@@ -1,0 +1,653 @@
+"""``spotattn bench kernels``: Triton block-sparse prefill and sparse decode against dense and sparse peers.
+
+Every configuration draws random inputs and a random block selection of the requested density (sink and
+diagonal/last block always in), checks the Triton output against the PyTorch reference, then times each
+implementation with ``triton.testing.do_bench`` (CUDA events, median, after warm-up) in the same process.
+
+Peers: SDPA with the flash and the cuDNN backends (dense causal; dense decode), FlexAttention with the
+same block mask (prefill; the mask is built from the same block lists, diagonal blocks masked causally,
+others marked full), and gather-then-SDPA decode (copy the selected tokens, then dense SDPA).
+Outputs: ``kernels.json``, ``kernels.md`` and PNG plots in ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import torch
+import torch.nn.functional as F
+
+BS_PREFILL = 128
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+SHAPES = {
+    "qwen3-8b": Shape("qwen3-8b", 32, 8, 128),
+    "smollm2": Shape("smollm2", 9, 3, 64),
+}
+FULL_LENGTHS = (8192, 32768, 131072)
+FULL_DENSITIES = (1.0, 0.3, 0.1, 0.03, 0.01)
+DECODE_BUDGET = 4096  # tokens: the decode target's budget
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _bench(fn: Callable[[], object]) -> float:
+    """Median milliseconds over CUDA events, after warm-up (compilation, autotuning) is done."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp(min=1e-6))
+
+
+def _sdpa_fn(backend, q, k, v, causal: bool) -> Callable[[], torch.Tensor] | None:
+    """A closure running SDPA on one backend with GQA; expands K/V first (untimed) where the backend
+    has no native GQA. None if the backend refuses the input."""
+    from torch.nn.attention import sdpa_kernel
+
+    group = q.shape[1] // k.shape[1]
+
+    def native():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+    try:
+        native()
+        return native
+    except RuntimeError:
+        pass
+    ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+
+    def expanded():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, ke, ve, is_causal=causal)
+
+    try:
+        expanded()
+        return expanded
+    except RuntimeError:
+        return None
+
+
+def _timed_or_none(fn: Callable[[], object] | None) -> float | None:
+    return None if fn is None else _bench(fn)
+
+
+def prefill_selection(
+    b: int, g: int, length: int, bs: int, density: float, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random causal block lists: row r keeps ``round(density * (r + 1))`` of its r + 1 causal blocks
+    (at least the sink and the diagonal), ascending; ``-1`` past the count."""
+    nb = math.ceil(length / bs)
+    r = torch.arange(nb, device=device)
+    want = torch.clamp(torch.round(density * (r + 1)), min=2).long().clamp(max=r + 1)
+    score = torch.rand(b, g, nb, nb, device=device)
+    j = r.view(1, -1)
+    score = torch.where(j > r.view(-1, 1), -1.0, score)
+    score[..., 0] = 2.0
+    score = torch.where(j == r.view(-1, 1), 3.0, score)
+    order = score.argsort(-1, descending=True)
+    keep_sorted = torch.arange(nb, device=device) < want.view(-1, 1)
+    key = torch.where(keep_sorted, order, nb)
+    width = int(want.max())
+    ids = key.sort(-1).values[..., :width]
+    ids = torch.where(ids < nb, ids, -1).int().contiguous()
+    counts = want.int().view(1, 1, nb).expand(b, g, nb).contiguous()
+    return ids, counts
+
+
+def decode_selection(
+    b: int, g: int, length: int, bs: int, budget_tokens: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random block lists of ``budget_tokens`` (rounded to blocks) per (batch, group), sink and last in."""
+    nb = math.ceil(length / bs)
+    k = max(2, min(nb, math.ceil(budget_tokens / bs)))
+    score = torch.rand(b, g, nb, device=device)
+    score[..., 0] = 2.0
+    score[..., -1] = 2.0
+    ids = score.topk(k, dim=-1).indices.sort(-1).values.int().contiguous()
+    return ids, torch.full((b, g), k, dtype=torch.int32, device=device)
+
+
+def _flex_block_mask(ids: torch.Tensor, counts: torch.Tensor, group: int, length: int, bs: int):
+    """FlexAttention BlockMask with our block lists: the diagonal (last id of each row) is a partial
+    block, the others are full blocks. The mask_mod also encodes the selection (not only causality), so
+    FlexAttention's own semantics match ours; compiled, it only evaluates it on the diagonal blocks."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nb = math.ceil(length / bs)
+    live = torch.arange(ids.shape[-1], device=ids.device) < counts.unsqueeze(-1)
+    chosen = torch.zeros(*ids.shape[:3], nb + 1, dtype=torch.bool, device=ids.device)
+    chosen.scatter_(-1, torch.where(live, ids.long(), nb), True)
+    chosen = chosen[..., :nb].contiguous()
+    ids = ids.repeat_interleave(group, 1)
+    counts = counts.repeat_interleave(group, 1)
+    idx = F.pad(ids.clamp(min=0), (0, nb - ids.shape[-1]))
+    diag = (
+        torch.arange(nb, device=ids.device, dtype=torch.int32).view(1, 1, nb, 1).expand(*ids.shape[:2], nb, 1)
+    )
+    partial_idx = F.pad(diag, (0, nb - 1)).contiguous()
+    partial_num = torch.ones_like(counts)
+
+    def selected_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & chosen[b, h // group, q_idx // bs, kv_idx // bs]
+
+    return BlockMask.from_kv_blocks(
+        partial_num,
+        partial_idx,
+        (counts - 1).contiguous(),
+        idx.contiguous(),
+        BLOCK_SIZE=bs,
+        mask_mod=selected_causal,
+        seq_lengths=(length, length),
+    )
+
+
+_FLEX = None
+
+
+def _flex():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+# ----------------------------------------------------------------------------------------- prefill
+def bench_prefill(shape: Shape, batch: int, length: int, densities: Sequence[float], log) -> list[dict]:
+    from torch.nn.attention import SDPBackend
+
+    from ..kernels import triton_ops
+    from ..kernels.reference import block_sparse_prefill_ref
+
+    dev = torch.device("cuda")
+    dt = torch.bfloat16
+    g = shape.q_heads // shape.kv_heads
+    bs = BS_PREFILL
+    torch.manual_seed(0)
+    q = torch.randn(batch, shape.q_heads, length, shape.head_dim, device=dev, dtype=dt)
+    k = torch.randn(batch, shape.kv_heads, length, shape.head_dim, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    dense_pairs = length * (length + 1) / 2
+    flop_scale = 4 * shape.head_dim * shape.q_heads * batch  # QK^T and PV, 2 flops per MAC
+
+    flash = _sdpa_fn(SDPBackend.FLASH_ATTENTION, q, k, v, True)
+    cudnn = _sdpa_fn(SDPBackend.CUDNN_ATTENTION, q, k, v, True)
+    t_flash, t_cudnn = _timed_or_none(flash), _timed_or_none(cudnn)
+    rows = []
+    for density in densities:
+        ids, counts = prefill_selection(batch, shape.kv_heads, length, bs, density, dev)
+        ours = functools.partial(triton_ops.block_sparse_prefill, q, k, v, ids, counts, bs)
+        out, _ = ours()
+        # Rows are independent: check the last two (the heaviest) against the reference at full length.
+        tail = length - (math.ceil(length / bs) - 2) * bs
+        ref, _ = block_sparse_prefill_ref(q[:, :, -tail:], k, v, ids[:, :, -2:], counts[:, :, -2:], bs)
+        err_ref = _rel_err(out[:, :, -tail:], ref)
+        del ref
+        mask = _flex_block_mask(ids, counts, g, length, bs)
+        flex = functools.partial(_flex(), q, k, v, block_mask=mask, enable_gqa=True)
+        err_flex = _rel_err(out, flex())
+        t_ours, t_flex = _bench(ours), _bench(flex)
+        read = counts.float()
+        pairs = float(((read - 1) * bs * bs + bs * (bs + 1) / 2).sum() / (batch * shape.kv_heads))
+        flops = flop_scale * pairs
+        row = dict(
+            phase="prefill",
+            shape=shape.name,
+            batch=batch,
+            length=length,
+            density=density,
+            block_size=bs,
+            actual_density=pairs / dense_pairs,
+            ours_ms=t_ours,
+            flex_ms=t_flex,
+            sdpa_flash_dense_ms=t_flash,
+            sdpa_cudnn_dense_ms=t_cudnn,
+            ours_tflops=flops / t_ours / 1e9,
+            flex_tflops=flops / t_flex / 1e9,
+            flash_tflops=flop_scale * dense_pairs / t_flash / 1e9 if t_flash else None,
+            cudnn_tflops=flop_scale * dense_pairs / t_cudnn / 1e9 if t_cudnn else None,
+            rel_err_vs_reference=err_ref,
+            rel_err_vs_flex=err_flex,
+        )
+        rows.append(row)
+        del mask, flex
+        log(
+            f"prefill {shape.name} B={batch} L={length} d={density}: ours {t_ours:.3f} ms, "
+            f"flex {t_flex:.3f}, "
+            f"cudnn {t_cudnn}, flash {t_flash}, err {err_ref:.1e}"
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- decode
+def bench_decode(
+    shape: Shape, batch: int, length: int, densities: Sequence[float], log, block_sizes: Sequence[int] = (64,)
+) -> list[dict]:
+    from torch.nn.attention import SDPBackend
+
+    from ..kernels import triton_ops
+    from ..kernels.reference import sparse_decode_ref
+    from ..selection import rows_for_decode
+    from ..types import TopK
+
+    dev = torch.device("cuda")
+    dt = torch.bfloat16
+    torch.manual_seed(0)
+    q = torch.randn(batch, shape.q_heads, 1, shape.head_dim, device=dev, dtype=dt)
+    k = torch.randn(batch, shape.kv_heads, length, shape.head_dim, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    elem = k.element_size()
+    flash = _sdpa_fn(SDPBackend.FLASH_ATTENTION, q, k, v, False)
+    cudnn = _sdpa_fn(SDPBackend.CUDNN_ATTENTION, q, k, v, False)
+    t_flash, t_cudnn = _timed_or_none(flash), _timed_or_none(cudnn)
+    dense_bytes = 2 * batch * shape.kv_heads * length * shape.head_dim * elem
+    budgets = sorted({max(128, int(round(d * length))) for d in densities} | {DECODE_BUDGET})
+    rows = []
+    for bs in block_sizes:
+        # Selection cost for this length: block scores over one mean key per block, then top-k.
+        rep = k.view(batch, shape.kv_heads, -1, bs, shape.head_dim).mean(3)
+        first, last = rows_for_decode(1, length, bs, dev)
+
+        def select(rep=rep, first=first, last=last, bs=bs):
+            mass = triton_ops.block_scores(q, rep, bs, length)
+            return triton_ops.select_blocks_device(
+                mass.unsqueeze(2), TopK(DECODE_BUDGET), bs, row_first_block=first, row_last_block=last
+            )
+
+        t_select = _bench(select)
+        for budget in budgets:
+            if bs != 64 and budget != DECODE_BUDGET:
+                continue  # other block sizes only at the target budget
+            ids, counts = decode_selection(batch, shape.kv_heads, length, bs, budget, dev)
+            ours = functools.partial(triton_ops.sparse_decode, q, k, v, ids, counts, bs)
+            out, _ = ours()
+            ref, _ = sparse_decode_ref(q, k, v, ids, counts, bs)
+            err = _rel_err(out, ref)
+            del ref
+            tok = (ids.long().unsqueeze(-1) * bs + torch.arange(bs, device=dev)).flatten(2)
+
+            def gather(tok=tok):
+                idx = tok.unsqueeze(-1).expand(-1, -1, -1, shape.head_dim)
+                kg, vg = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
+                return F.scaled_dot_product_attention(q, kg, vg, enable_gqa=True)
+
+            err_gather = _rel_err(out, gather())
+            t_ours, t_gather = _bench(ours), _bench(gather)
+            read = 2 * batch * shape.kv_heads * tok.shape[-1] * shape.head_dim * elem
+            rows.append(
+                dict(
+                    phase="decode",
+                    shape=shape.name,
+                    batch=batch,
+                    length=length,
+                    budget_tokens=tok.shape[-1],
+                    density=tok.shape[-1] / length,
+                    block_size=bs,
+                    ours_ms=t_ours,
+                    gather_sdpa_ms=t_gather,
+                    sdpa_flash_dense_ms=t_flash,
+                    sdpa_cudnn_dense_ms=t_cudnn,
+                    select_topk_ms=t_select,
+                    ours_tbps=read / t_ours / 1e9,
+                    gather_tbps=read / t_gather / 1e9,
+                    flash_tbps=dense_bytes / t_flash / 1e9 if t_flash else None,
+                    cudnn_tbps=dense_bytes / t_cudnn / 1e9 if t_cudnn else None,
+                    rel_err_vs_reference=err,
+                    rel_err_vs_gather=err_gather,
+                )
+            )
+            log(
+                f"decode {shape.name} B={batch} L={length} budget={tok.shape[-1]} bs={bs}: "
+                f"ours {t_ours:.4f} ms, gather {t_gather:.4f}, flash {t_flash}, cudnn {t_cudnn}, "
+                f"select {t_select:.4f}, err {err:.1e}"
+            )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- report
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, evaluated on this run's rows where present."""
+    out = []
+
+    def find(**kv):
+        return next((r for r in rows if all(r.get(k) == v for k, v in kv.items())), None)
+
+    r = find(phase="prefill", shape="qwen3-8b", batch=1, length=32768, density=1.0)
+    if r:
+        ratio = _ratio(r["ours_ms"], r["sdpa_cudnn_dense_ms"])
+        out.append(
+            dict(
+                target="prefill 100% 32K: ours / cuDNN <= 1.3", value=ratio, met=bool(ratio and ratio <= 1.3)
+            )
+        )
+    r = find(phase="prefill", shape="qwen3-8b", batch=1, length=131072, density=0.1)
+    if r:
+        for name, key, need in (
+            ("cuDNN dense", "sdpa_cudnn_dense_ms", 6),
+            ("flash dense", "sdpa_flash_dense_ms", 8),
+            ("FlexAttention same mask", "flex_ms", 1),
+        ):
+            ratio = _ratio(r[key], r["ours_ms"])
+            out.append(
+                dict(
+                    target=f"prefill 10% 128K: {name} / ours >= {need}",
+                    value=ratio,
+                    met=bool(ratio and ratio >= need if need > 1 else ratio and ratio > 1),
+                )
+            )
+    for batch in (1, 8):
+        r = find(
+            phase="decode",
+            shape="qwen3-8b",
+            batch=batch,
+            length=131072,
+            budget_tokens=DECODE_BUDGET,
+            block_size=64,
+        )
+        if r:
+            for name, key, need in (
+                ("dense SDPA", "sdpa_flash_dense_ms", 8),
+                ("gather+SDPA", "gather_sdpa_ms", 2),
+            ):
+                ratio = _ratio(r[key], r["ours_ms"])
+                out.append(
+                    dict(
+                        target=f"decode 128K 4096 B={batch}: {name} / ours >= {need}",
+                        value=ratio,
+                        met=bool(ratio and ratio >= need),
+                    )
+                )
+    errs = [r["rel_err_vs_reference"] for r in rows]
+    if errs:
+        out.append(
+            dict(target="rel. error vs reference < 1e-2 (bf16), worst", value=max(errs), met=max(errs) < 1e-2)
+        )
+    return out
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    lines = [
+        f"# Kernel benchmark ({result['device']}, torch {result['torch']}, triton {result['triton']}, bf16)",
+        "",
+    ]
+    lines += ["## Targets", "", "| target | value | met |", "|---|---|---|"]
+    lines += [
+        f"| {t['target']} | {_fmt(t['value'], 4)} | {'yes' if t['met'] else 'NO'} |"
+        for t in result["targets"]
+    ]
+    lines += [
+        "",
+        "## Prefill (block size 128; ms, TFLOP/s in brackets; speed-ups = peer time / ours)",
+        "",
+        "| shape | B | length | density | ours | FlexAttention | SDPA cuDNN dense | SDPA flash dense "
+        "| vs cuDNN | vs flash | vs Flex | err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in rows if r["phase"] == "prefill"):
+        lines.append(
+            f"| {r['shape']} | {r['batch']} | {r['length']} | {r['density']:g} | {_fmt(r['ours_ms'])} "
+            f"({_fmt(r['ours_tflops'], 0)}) | {_fmt(r['flex_ms'])} ({_fmt(r['flex_tflops'], 0)}) | "
+            f"{_fmt(r['sdpa_cudnn_dense_ms'])} ({_fmt(r['cudnn_tflops'], 0)}) | "
+            f"{_fmt(r['sdpa_flash_dense_ms'])} "
+            f"({_fmt(r['flash_tflops'], 0)}) | {_fmt(_ratio(r['sdpa_cudnn_dense_ms'], r['ours_ms']), 2)} | "
+            f"{_fmt(_ratio(r['sdpa_flash_dense_ms'], r['ours_ms']), 2)} | "
+            f"{_fmt(_ratio(r['flex_ms'], r['ours_ms']), 2)} | {r['rel_err_vs_reference']:.1e} |"
+        )
+    lines += [
+        "",
+        "## Decode (1 query token; ms, TB/s of K/V read in brackets; speed-ups = peer time / ours)",
+        "",
+        "| shape | B | length | budget | bs | ours | gather+SDPA | SDPA flash dense | SDPA cuDNN dense "
+        "| vs dense | vs gather | selection (scores+top-k) | err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in rows if r["phase"] == "decode"):
+        lines.append(
+            f"| {r['shape']} | {r['batch']} | {r['length']} | {r['budget_tokens']} | {r['block_size']} | "
+            f"{_fmt(r['ours_ms'], 4)} ({_fmt(r['ours_tbps'], 2)}) | {_fmt(r['gather_sdpa_ms'], 4)} "
+            f"({_fmt(r['gather_tbps'], 2)}) | {_fmt(r['sdpa_flash_dense_ms'], 4)} "
+            f"({_fmt(r['flash_tbps'], 2)}) | "
+            f"{_fmt(r['sdpa_cudnn_dense_ms'], 4)} ({_fmt(r['cudnn_tbps'], 2)}) | "
+            f"{_fmt(_ratio(r['sdpa_flash_dense_ms'], r['ours_ms']), 1)} | "
+            f"{_fmt(_ratio(r['gather_sdpa_ms'], r['ours_ms']), 1)} | {_fmt(r['select_topk_ms'], 4)} | "
+            f"{r['rel_err_vs_reference']:.1e} |"
+        )
+    lines += ["", f"Command: `{result['command']}`", f"Wall time: {result['wall_s']:.0f} s", ""]
+    return "\n".join(lines)
+
+
+def _xy(pts):
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plots(rows: list[dict], out_dir: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    pre = [r for r in rows if r["phase"] == "prefill" and r["batch"] == 1]
+    dec = [r for r in rows if r["phase"] == "decode" and r["block_size"] == 64]
+    if pre:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for shape, ls in zip(sorted({r["shape"] for r in pre}), ("-", "--"), strict=False):
+            sub = [r for r in pre if r["shape"] == shape]
+            for dens in sorted({r["density"] for r in sub}, reverse=True)[:3]:
+                pts = sorted((r["length"], r["ours_ms"]) for r in sub if r["density"] == dens)
+                axes[0].plot(*_xy(pts), ls, marker="o", label=f"{shape} ours {dens:g}")
+            for key, lab in (("sdpa_cudnn_dense_ms", "cuDNN dense"), ("sdpa_flash_dense_ms", "flash dense")):
+                pts = sorted({(r["length"], r[key]) for r in sub if r[key]})
+                if pts:
+                    axes[0].plot(*_xy(pts), ls, marker="x", label=f"{shape} {lab}")
+            for length in sorted({r["length"] for r in sub}):
+                pts = sorted(
+                    (r["density"], _ratio(r["sdpa_cudnn_dense_ms"], r["ours_ms"]) or 0)
+                    for r in sub
+                    if r["length"] == length
+                )
+                axes[1].plot(*_xy(pts), ls, marker="o", label=f"{shape} {length // 1024}K ours")
+                pts = sorted(
+                    (r["density"], _ratio(r["sdpa_cudnn_dense_ms"], r["flex_ms"]) or 0)
+                    for r in sub
+                    if r["length"] == length
+                )
+                axes[1].plot(*_xy(pts), ":", marker=".", label=f"{shape} {length // 1024}K Flex")
+        axes[0].set(xscale="log", yscale="log", xlabel="length", ylabel="ms", title="prefill latency (B=1)")
+        axes[1].set(
+            xscale="log",
+            yscale="log",
+            xlabel="block density",
+            ylabel="speed-up over cuDNN dense",
+            title="prefill speed-up (B=1)",
+        )
+        for ax in axes:
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out_dir / "prefill.png", dpi=110)
+        plt.close(fig)
+        written.append("prefill.png")
+    if dec:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for shape, ls in zip(sorted({r["shape"] for r in dec}), ("-", "--"), strict=False):
+            for batch in sorted({r["batch"] for r in dec}):
+                sub = [r for r in dec if r["shape"] == shape and r["batch"] == batch]
+                tag = f"{shape} B={batch}"
+                pts = sorted((r["length"], r["ours_ms"]) for r in sub if r["budget_tokens"] == DECODE_BUDGET)
+                axes[0].plot(*_xy(pts), ls, marker="o", label=f"{tag} ours 4096")
+                pts = sorted(
+                    (r["length"], r["gather_sdpa_ms"]) for r in sub if r["budget_tokens"] == DECODE_BUDGET
+                )
+                axes[0].plot(*_xy(pts), ls, marker="s", label=f"{tag} gather 4096")
+                pts = sorted({(r["length"], r["sdpa_flash_dense_ms"]) for r in sub})
+                axes[0].plot(*_xy(pts), ls, marker="x", label=f"{tag} dense")
+                for length in sorted({r["length"] for r in sub}):
+                    pts = sorted(
+                        (r["density"], _ratio(r["sdpa_flash_dense_ms"], r["ours_ms"]) or 0)
+                        for r in sub
+                        if r["length"] == length
+                    )
+                    axes[1].plot(*_xy(pts), ls, marker="o", label=f"{tag} {length // 1024}K")
+        axes[0].set(xscale="log", yscale="log", xlabel="context length", ylabel="ms", title="decode latency")
+        axes[1].set(
+            xscale="log",
+            yscale="log",
+            xlabel="token density",
+            ylabel="speed-up over dense SDPA",
+            title="decode speed-up (block 64)",
+        )
+        for ax in axes:
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out_dir / "decode.png", dpi=110)
+        plt.close(fig)
+        written.append("decode.png")
+    return written
+
+
+def run_kernel_bench(
+    out_dir: str | Path,
+    lengths: Sequence[int] | None = None,
+    densities: Sequence[float] | None = None,
+    shapes: Sequence[str] | None = None,
+    batches: Sequence[int] | None = None,
+    quick: bool = False,
+    command: str = "",
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the kernel benchmark and write ``kernels.json``, ``kernels.md`` and plots into ``out_dir``.
+
+    Defaults (full run, a few minutes on an H100): lengths 8K/32K/128K, densities 1..1%, both shapes,
+    batch 1 and 8. Prefill at batch 8 and the SmolLM2 shape stop at 32K (``quick``: one shape, batch 1,
+    8K and 32K, densities 1 and 0.1). Decode always adds the 4096-token target budget.
+    """
+    if not torch.cuda.is_available():
+        raise click.ClickException("the kernel benchmark needs a CUDA GPU")
+    import triton
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if quick:
+        lengths = lengths or (8192, 32768)
+        densities = densities or (1.0, 0.1)
+        shapes = shapes or ("qwen3-8b",)
+        batches = batches or (1,)
+    lengths = tuple(lengths or FULL_LENGTHS)
+    densities = tuple(densities or FULL_DENSITIES)
+    shapes = tuple(shapes or SHAPES)
+    batches = tuple(batches or (1, 8))
+    for s in shapes:
+        if s not in SHAPES:
+            raise click.BadParameter(f"unknown shape {s!r}; allowed: {sorted(SHAPES)}", param_hint="--shapes")
+    rows: list[dict] = []
+    for name in shapes:
+        shape = SHAPES[name]
+        for batch in batches:
+            for length in lengths:
+                # Long dense prefills at batch 8 or the small shape add minutes and no information.
+                if (
+                    quick
+                    or batch == 1
+                    and name == "qwen3-8b"
+                    or length <= 32768
+                    and batch == 1
+                    or length <= 8192
+                ):
+                    rows += bench_prefill(shape, batch, length, densities, log)
+                torch.cuda.empty_cache()
+        for batch in batches:
+            for length in lengths:
+                sizes = (64, 16) if length == max(lengths) else (64,)
+                rows += bench_decode(shape, batch, length, densities, log, block_sizes=sizes)
+                torch.cuda.empty_cache()
+    result = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        command=command or "spotattn bench kernels",
+        shapes=[asdict(SHAPES[s]) for s in shapes],
+        rows=rows,
+        wall_s=time.time() - t0,
+    )
+    result["targets"] = targets(rows)
+    (out_dir / "kernels.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "kernels.md").write_text(markdown(result))
+    result["plots"] = plots(rows, out_dir)
+    return result
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().upper()
+        mult = 1024 if part.endswith("K") else 1
+        out.append(int(part.rstrip("K")) * mult)
+    return tuple(out)
+
+
+@click.command("kernels")
+@click.option("--out", "out_dir", default="bench_out/kernels", show_default=True, help="output folder")
+@click.option("--lengths", default=None, help="comma-separated context lengths, e.g. 8K,32K,128K")
+@click.option("--densities", default=None, help="comma-separated block densities in (0, 1], e.g. 1,0.1,0.01")
+@click.option("--batch", "batches", default=None, help="comma-separated batch sizes, e.g. 1,8")
+@click.option("--shapes", default=None, help=f"comma-separated layer shapes among {sorted(SHAPES)}")
+@click.option("--quick", is_flag=True, help="a small grid (one shape, batch 1, 8K-32K)")
+def kernels_command(out_dir, lengths, densities, batches, shapes, quick) -> None:
+    """Time the Triton prefill/decode kernels against SDPA (flash, cuDNN), FlexAttention and gather+SDPA."""
+    dens = tuple(float(x) for x in densities.split(",")) if densities else None
+    if dens and not all(0 < d <= 1 for d in dens):
+        raise click.BadParameter("densities must be in (0, 1]", param_hint="--densities")
+    given = {"--lengths": lengths, "--densities": densities, "--batch": batches, "--shapes": shapes}
+    command = "spotattn bench kernels" + "".join(f" {k} {v}" for k, v in given.items() if v)
+    command += " --quick" * quick + f" --out {out_dir}"
+    result = run_kernel_bench(
+        out_dir,
+        _ints(lengths) if lengths else None,
+        dens,
+        tuple(s.strip() for s in shapes.split(",")) if shapes else None,
+        _ints(batches) if batches else None,
+        quick,
+        command=command,
+        log=lambda m: click.echo(m, err=True),
+    )
+    click.echo(markdown(result))
+
+
+if __name__ == "__main__":
+    kernels_command()
