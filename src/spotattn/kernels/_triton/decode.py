@@ -45,11 +45,45 @@ MAX_SPLITS = 64
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, Ids, Counts, Start, SeqLens, Table, PartO, PartLse,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sib, sig, scb, scg, stb,
-    Hkv, T, Lk, group, qk_scale, blocks_per_split, num_splits,
-    HAS_START: tl.constexpr, SHARED: tl.constexpr, PAGED: tl.constexpr, BS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    Ids,
+    Counts,
+    Start,
+    SeqLens,
+    Table,
+    PartO,
+    PartLse,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    sib,
+    sig,
+    scb,
+    scg,
+    stb,
+    Hkv,
+    T,
+    Lk,
+    group,
+    qk_scale,
+    blocks_per_split,
+    num_splits,
+    HAS_START: tl.constexpr,
+    SHARED: tl.constexpr,
+    PAGED: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     s = tl.program_id(0)
@@ -75,8 +109,11 @@ def _decode_split_kernel(
     head = hk * group + offs_m // T
     t = offs_m % T
     qpos = seq_len - T + t
-    q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
 
     cnt = tl.load(Counts + b * scb + g * scg)
     lo = s * blocks_per_split
@@ -123,9 +160,20 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    PartO, PartLse, Out, Lse, sob, soh, sot,
-    Hkv, Hq, T, group, num_splits,
-    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PartO,
+    PartLse,
+    Out,
+    Lse,
+    sob,
+    soh,
+    sot,
+    Hkv,
+    Hq,
+    T,
+    group,
+    num_splits,
+    BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     M = group * T
@@ -145,8 +193,9 @@ def _decode_reduce_kernel(
     o = tl.load(PartO + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     seen = total > 0
     out = tl.sum(o * w[:, None], 0) / tl.where(seen, total, 1.0)
-    lse = tl.where(seen, (m_safe + tl.math.log2(tl.where(seen, total, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+    lse = tl.where(
+        seen, (m_safe + tl.math.log2(tl.where(seen, total, 1.0))) * 0.6931471805599453, float("-inf")
+    )
     head = hk * group + row // T
     t = row % T
     tl.store(Out + b * sob + head * soh + t * sot + offs_d, out.to(Out.dtype.element_ty))
@@ -185,22 +234,65 @@ def _launch_decode(q, k, v, block_ids, counts, block_size, scale, seq_start, seq
     paged = table is not None
     placeholder = counts
     _decode_split_kernel[(splits, b * hkv)](
-        q, k, v, block_ids, counts,
+        q,
+        k,
+        v,
+        block_ids,
+        counts,
         seq_start if seq_start is not None else placeholder,
         seq_lens if paged else placeholder,
         table if paged else placeholder,
-        part_o, part_lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), block_ids.stride(0), block_ids.stride(1),
-        counts.stride(0), counts.stride(1), table.stride(0) if paged else 0,
-        hkv, t, 0 if paged else k.shape[2], group, scale * LOG2E, per_split, splits,
-        HAS_START=seq_start is not None, SHARED=block_ids.shape[1] == 1, PAGED=paged, BS=block_size,
-        BLOCK_M=max(16, next_pow2(m)), BLOCK_N=block_n, HEAD_DIM=d, PREC=dot_precision(q.dtype),
-        UPCAST=interpreting(), num_warps=4, num_stages=2,
+        part_o,
+        part_lse,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        block_ids.stride(0),
+        block_ids.stride(1),
+        counts.stride(0),
+        counts.stride(1),
+        table.stride(0) if paged else 0,
+        hkv,
+        t,
+        0 if paged else k.shape[2],
+        group,
+        scale * LOG2E,
+        per_split,
+        splits,
+        HAS_START=seq_start is not None,
+        SHARED=block_ids.shape[1] == 1,
+        PAGED=paged,
+        BS=block_size,
+        BLOCK_M=max(16, next_pow2(m)),
+        BLOCK_N=block_n,
+        HEAD_DIM=d,
+        PREC=dot_precision(q.dtype),
+        UPCAST=interpreting(),
+        num_warps=4,
+        num_stages=2,
     )
     _decode_reduce_kernel[(b * hkv * m,)](
-        part_o, part_lse, out, lse, out.stride(0), out.stride(1), out.stride(2),
-        hkv, hq, t, group, splits, BLOCK_S=max(2, next_pow2(splits)), HEAD_DIM=d, num_warps=4,
+        part_o,
+        part_lse,
+        out,
+        lse,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        hkv,
+        hq,
+        t,
+        group,
+        splits,
+        BLOCK_S=max(2, next_pow2(splits)),
+        HEAD_DIM=d,
+        num_warps=4,
     )
     return out, lse
 
@@ -214,6 +306,10 @@ _SCHEMA_TAIL = "int block_size, float scale, Tensor? seq_start, int num_splits) 
     schema="(Tensor q, Tensor k, Tensor v, Tensor block_ids, Tensor counts, " + _SCHEMA_TAIL,
 )
 def _decode_op(q, k, v, block_ids, counts, block_size, scale, seq_start, num_splits):
+    return _decode_impl(q, k, v, block_ids, counts, block_size, scale, seq_start, num_splits)
+
+
+def _decode_impl(q, k, v, block_ids, counts, block_size, scale, seq_start, num_splits):
     return _launch_decode(q, k, v, block_ids, counts, block_size, scale, seq_start, None, None, num_splits)
 
 
@@ -223,10 +319,38 @@ def _decode_op(q, k, v, block_ids, counts, block_size, scale, seq_start, num_spl
     schema="(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, Tensor seq_lens, "
     "Tensor block_ids, Tensor counts, " + _SCHEMA_TAIL,
 )
-def _decode_paged_op(q, k_pages, v_pages, block_table, seq_lens, block_ids, counts, block_size, scale,
-                     seq_start, num_splits):
+def _decode_paged_op(
+    q, k_pages, v_pages, block_table, seq_lens, block_ids, counts, block_size, scale, seq_start, num_splits
+):
+    return _decode_paged_impl(
+        q,
+        k_pages,
+        v_pages,
+        block_table,
+        seq_lens,
+        block_ids,
+        counts,
+        block_size,
+        scale,
+        seq_start,
+        num_splits,
+    )
+
+
+def _decode_paged_impl(
+    q, k_pages, v_pages, block_table, seq_lens, block_ids, counts, block_size, scale, seq_start, num_splits
+):
     return _launch_decode(
-        q, k_pages, v_pages, block_ids, counts, block_size, scale, seq_start, seq_lens, block_table,
+        q,
+        k_pages,
+        v_pages,
+        block_ids,
+        counts,
+        block_size,
+        scale,
+        seq_start,
+        seq_lens,
+        block_table,
         num_splits,
     )
 
@@ -274,7 +398,9 @@ def sparse_decode(
     splits = num_splits or choose_splits(b * hkv, block_ids.shape[-1], block_size, q.device)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     start = seq_start.to(torch.int32).contiguous() if seq_start is not None else None
-    return _decode_op(q, k, v, as_int32(block_ids), as_int32(counts), block_size, scale, start, splits)
+    # Eager calls skip the custom-op layer (its dispatch costs microseconds); tracing goes through it.
+    op = _decode_op if torch.compiler.is_compiling() else _decode_impl
+    return op(q, k, v, as_int32(block_ids), as_int32(counts), block_size, scale, start, splits)
 
 
 def sparse_decode_paged(
@@ -335,10 +461,19 @@ def sparse_decode_paged(
     scale = d**-0.5 if scale is None else float(scale)
     splits = num_splits or choose_splits(b * hkv, block_ids.shape[-1], block_size, q.device)
     start = seq_start.to(torch.int32).contiguous() if seq_start is not None else None
-    return _decode_paged_op(
-        last_dim_contiguous(q), last_dim_contiguous(k_pages), last_dim_contiguous(v_pages),
-        as_int32(block_table), as_int32(seq_lens), as_int32(block_ids), as_int32(counts),
-        block_size, scale, start, splits,
+    op = _decode_paged_op if torch.compiler.is_compiling() else _decode_paged_impl
+    return op(
+        last_dim_contiguous(q),
+        last_dim_contiguous(k_pages),
+        last_dim_contiguous(v_pages),
+        as_int32(block_table),
+        as_int32(seq_lens),
+        as_int32(block_ids),
+        as_int32(counts),
+        block_size,
+        scale,
+        start,
+        splits,
     )
 
 

@@ -24,7 +24,7 @@ PREFILL_BLOCK_SIZES = (64, 128)
 def _configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    shapes = [(64, 4, 3), (64, 8, 3), (64, 4, 2), (128, 8, 3), (128, 8, 2), (32, 8, 2)]
+    shapes = [(64, 4, 3), (64, 8, 3), (64, 8, 4), (64, 4, 2), (128, 8, 3), (128, 8, 2), (32, 8, 2)]
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes]
 
 
@@ -45,12 +45,46 @@ def _prune(configs, named_args, **kwargs):
 )
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, Out, Lse, Ids, Counts, Start,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    sib, sig, sir, scb, scg, scr,
-    Hq, Lq, Lk, R, first_row, group, qk_scale,
-    HAS_START: tl.constexpr, SHARED: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    Ids,
+    Counts,
+    Start,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    svb,
+    svh,
+    svt,
+    sob,
+    soh,
+    sot,
+    sib,
+    sig,
+    sir,
+    scb,
+    scg,
+    scr,
+    Hq,
+    Lq,
+    Lk,
+    R,
+    first_row,
+    group,
+    qk_scale,
+    HAS_START: tl.constexpr,
+    SHARED: tl.constexpr,
+    BS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     r = R - 1 - tl.program_id(1)
@@ -123,14 +157,45 @@ def _launch_prefill(q, k, v, block_ids, counts, block_size: int, scale: float, s
     start = seq_start if seq_start is not None else counts  # placeholder pointer, never read
     grid = (b * hq, rows)
     _prefill_kernel[grid](
-        q, k, v, out, lse, block_ids, counts, start,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        block_ids.stride(0), block_ids.stride(1), block_ids.stride(2),
-        counts.stride(0), counts.stride(1), counts.stride(2),
-        hq, lq, lk, rows, first, hq // hkv, scale * LOG2E,
-        HAS_START=seq_start is not None, SHARED=block_ids.shape[1] == 1, BS=block_size, HEAD_DIM=d,
-        PREC=dot_precision(q.dtype), UPCAST=interpreting(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        block_ids,
+        counts,
+        start,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        block_ids.stride(0),
+        block_ids.stride(1),
+        block_ids.stride(2),
+        counts.stride(0),
+        counts.stride(1),
+        counts.stride(2),
+        hq,
+        lq,
+        lk,
+        rows,
+        first,
+        hq // hkv,
+        scale * LOG2E,
+        HAS_START=seq_start is not None,
+        SHARED=block_ids.shape[1] == 1,
+        BS=block_size,
+        HEAD_DIM=d,
+        PREC=dot_precision(q.dtype),
+        UPCAST=interpreting(),
     )
     return out, lse
 
@@ -174,4 +239,6 @@ def block_sparse_prefill(
     scale = d**-0.5 if scale is None else float(scale)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     start = seq_start.to(torch.int32).contiguous() if seq_start is not None else None
-    return _prefill_op(q, k, v, as_int32(block_ids), as_int32(counts), block_size, scale, start)
+    # Eager calls skip the custom-op layer (its dispatch costs microseconds); tracing goes through it.
+    op = _prefill_op if torch.compiler.is_compiling() else _launch_prefill
+    return op(q, k, v, as_int32(block_ids), as_int32(counts), block_size, scale, start)

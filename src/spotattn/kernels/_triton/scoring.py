@@ -29,9 +29,32 @@ BLOCK_NB = 64
 
 
 @triton.jit
-def _score_logits(Q, Rep, b, hk, c, Start, sqb, sqh, sqt, srb, srh, srn, NB, T, group, num_keys, qk_scale,
-                  HAS_START: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NB: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _score_logits(
+    Q,
+    Rep,
+    b,
+    hk,
+    c,
+    Start,
+    sqb,
+    sqh,
+    sqt,
+    srb,
+    srh,
+    srn,
+    NB,
+    T,
+    group,
+    num_keys,
+    qk_scale,
+    HAS_START: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_NB: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_j = c * BLOCK_NB + tl.arange(0, BLOCK_NB)
@@ -39,10 +62,16 @@ def _score_logits(Q, Rep, b, hk, c, Start, sqb, sqh, sqt, srb, srh, srn, NB, T, 
     head = hk * group + offs_m // T
     t = offs_m % T
     qpos = num_keys - T + t
-    q = tl.load(Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    rep = tl.load(Rep + b * srb + hk * srh + offs_j[None, :] * srn + offs_d[:, None],
-                  mask=(offs_j < NB)[None, :], other=0.0)
+    q = tl.load(
+        Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    rep = tl.load(
+        Rep + b * srb + hk * srh + offs_j[None, :] * srn + offs_d[:, None],
+        mask=(offs_j < NB)[None, :],
+        other=0.0,
+    )
     logits = mm(q, rep, PREC, UPCAST) * qk_scale
     if HAS_START:
         start = tl.load(Start + b)
@@ -53,17 +82,63 @@ def _score_logits(Q, Rep, b, hk, c, Start, sqb, sqh, sqt, srb, srh, srn, NB, T, 
 
 
 @triton.jit
-def _score_stats_kernel(Q, Rep, Start, StatM, StatL, sqb, sqh, sqt, srb, srh, srn, Hkv, NB, T, group,
-                        num_keys, qk_scale, num_chunks, HAS_START: tl.constexpr, BS: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_NB: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _score_stats_kernel(
+    Q,
+    Rep,
+    Start,
+    StatM,
+    StatL,
+    sqb,
+    sqh,
+    sqt,
+    srb,
+    srh,
+    srn,
+    Hkv,
+    NB,
+    T,
+    group,
+    num_keys,
+    qk_scale,
+    num_chunks,
+    HAS_START: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_NB: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     c = tl.program_id(0)
     pid = tl.program_id(1)
     b = (pid // Hkv).to(tl.int64)
     hk = pid % Hkv
-    logits, row_ok, _ = _score_logits(Q, Rep, b, hk, c, Start, sqb, sqh, sqt, srb, srh, srn, NB, T, group,
-                                      num_keys, qk_scale, HAS_START, BS, BLOCK_M, BLOCK_NB, HEAD_DIM, PREC,
-                                      UPCAST)
+    logits, row_ok, _ = _score_logits(
+        Q,
+        Rep,
+        b,
+        hk,
+        c,
+        Start,
+        sqb,
+        sqh,
+        sqt,
+        srb,
+        srh,
+        srn,
+        NB,
+        T,
+        group,
+        num_keys,
+        qk_scale,
+        HAS_START,
+        BS,
+        BLOCK_M,
+        BLOCK_NB,
+        HEAD_DIM,
+        PREC,
+        UPCAST,
+    )
     m = tl.max(logits, 1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     s = tl.sum(tl.math.exp2(logits - m_safe[:, None]), 1)
@@ -74,10 +149,34 @@ def _score_stats_kernel(Q, Rep, Start, StatM, StatL, sqb, sqh, sqt, srb, srh, sr
 
 
 @triton.jit
-def _score_mass_kernel(Q, Rep, Start, StatM, StatL, Mass, sqb, sqh, sqt, srb, srh, srn, Hkv, NB, T, group,
-                       num_keys, qk_scale, num_chunks, HAS_START: tl.constexpr, BS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_NB: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _score_mass_kernel(
+    Q,
+    Rep,
+    Start,
+    StatM,
+    StatL,
+    Mass,
+    sqb,
+    sqh,
+    sqt,
+    srb,
+    srh,
+    srn,
+    Hkv,
+    NB,
+    T,
+    group,
+    num_keys,
+    qk_scale,
+    num_chunks,
+    HAS_START: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_NB: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     c = tl.program_id(0)
     pid = tl.program_id(1)
     b = (pid // Hkv).to(tl.int64)
@@ -94,9 +193,32 @@ def _score_mass_kernel(Q, Rep, Start, StatM, StatL, Mass, sqb, sqh, sqt, srb, sr
         l_run = l_run * tl.math.exp2(m_run - m_safe) + l_c * tl.math.exp2(m_c - m_safe)
         m_run = m_new
     lse = tl.where(l_run > 0, m_run + tl.math.log2(tl.where(l_run > 0, l_run, 1.0)), 0.0)
-    logits, row_ok, offs_j = _score_logits(Q, Rep, b, hk, c, Start, sqb, sqh, sqt, srb, srh, srn, NB, T,
-                                           group, num_keys, qk_scale, HAS_START, BS, BLOCK_M, BLOCK_NB,
-                                           HEAD_DIM, PREC, UPCAST)
+    logits, row_ok, offs_j = _score_logits(
+        Q,
+        Rep,
+        b,
+        hk,
+        c,
+        Start,
+        sqb,
+        sqh,
+        sqt,
+        srb,
+        srh,
+        srn,
+        NB,
+        T,
+        group,
+        num_keys,
+        qk_scale,
+        HAS_START,
+        BS,
+        BLOCK_M,
+        BLOCK_NB,
+        HEAD_DIM,
+        PREC,
+        UPCAST,
+    )
     p = tl.math.exp2(logits - lse[:, None])
     tl.store(Mass + pid * NB + offs_j, tl.sum(p, 0), mask=offs_j < NB)
 
@@ -112,12 +234,29 @@ def _launch_scores(q, rep, block_size, num_keys, scale, seq_start):
     mass = torch.empty(b, hkv, nb, dtype=torch.float32, device=q.device)
     start = seq_start if seq_start is not None else stat_m
     common = (
-        q.stride(0), q.stride(1), q.stride(2), rep.stride(0), rep.stride(1), rep.stride(2),
-        hkv, nb, t, group, num_keys, scale * LOG2E, chunks,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        rep.stride(0),
+        rep.stride(1),
+        rep.stride(2),
+        hkv,
+        nb,
+        t,
+        group,
+        num_keys,
+        scale * LOG2E,
+        chunks,
     )
     meta = dict(
-        HAS_START=seq_start is not None, BS=block_size, BLOCK_M=block_m, BLOCK_NB=BLOCK_NB, HEAD_DIM=d,
-        PREC=dot_precision(q.dtype), UPCAST=interpreting(), num_warps=4,
+        HAS_START=seq_start is not None,
+        BS=block_size,
+        BLOCK_M=block_m,
+        BLOCK_NB=BLOCK_NB,
+        HEAD_DIM=d,
+        PREC=dot_precision(q.dtype),
+        UPCAST=interpreting(),
+        num_warps=4,
     )
     _score_stats_kernel[(chunks, b * hkv)](q, rep, start, stat_m, stat_l, *common, **meta)
     _score_mass_kernel[(chunks, b * hkv)](q, rep, start, stat_m, stat_l, mass, *common, **meta)
@@ -154,25 +293,39 @@ def block_scores(
     summed over the group's heads and queries, so a group's masses add up to ``group * T``.
     """
     if q.dim() != 4 or rep.dim() != 4 or rep.shape[0] != q.shape[0] or rep.shape[3] != q.shape[3]:
-        raise ValueError(f"block_scores: q (B, Hq, T, D) and rep (B, Hkv, NB, D) disagree: "
-                         f"{tuple(q.shape)} and {tuple(rep.shape)}")
+        raise ValueError(
+            f"block_scores: q (B, Hq, T, D) and rep (B, Hkv, NB, D) disagree: "
+            f"{tuple(q.shape)} and {tuple(rep.shape)}"
+        )
     if q.shape[1] % rep.shape[1] != 0 or q.dtype != rep.dtype:
-        raise ValueError(f"block_scores: query heads ({q.shape[1]}) must be a multiple of rep heads "
-                         f"({rep.shape[1]}) and dtypes must agree ({q.dtype}, {rep.dtype})")
+        raise ValueError(
+            f"block_scores: query heads ({q.shape[1]}) must be a multiple of rep heads "
+            f"({rep.shape[1]}) and dtypes must agree ({q.dtype}, {rep.dtype})"
+        )
     require("block_scores", "head_dim", q.shape[3], HEAD_DIMS)
     if not 1 <= q.shape[1] // rep.shape[1] * q.shape[2] <= 128:
-        raise ValueError(f"block_scores: query heads per group times queries must be in [1, 128], got "
-                         f"{q.shape[1] // rep.shape[1] * q.shape[2]}")
+        raise ValueError(
+            f"block_scores: query heads per group times queries must be in [1, 128], got "
+            f"{q.shape[1] // rep.shape[1] * q.shape[2]}"
+        )
     if rep.shape[2] != math.ceil(num_keys / block_size):
-        raise ValueError(f"block_scores: rep has {rep.shape[2]} blocks; {num_keys} keys in blocks of "
-                         f"{block_size} need {math.ceil(num_keys / block_size)}")
+        raise ValueError(
+            f"block_scores: rep has {rep.shape[2]} blocks; {num_keys} keys in blocks of "
+            f"{block_size} need {math.ceil(num_keys / block_size)}"
+        )
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     start = seq_start.to(torch.int32).contiguous() if seq_start is not None else None
-    return _scores_op(last_dim_contiguous(q), last_dim_contiguous(rep), block_size, num_keys, scale, start)
+    op = _scores_op if torch.compiler.is_compiling() else _launch_scores
+    return op(last_dim_contiguous(q), last_dim_contiguous(rep), block_size, num_keys, scale, start)
 
 
 def block_scores_ref(
-    q: torch.Tensor, rep: torch.Tensor, block_size: int, num_keys: int, *, scale: float | None = None,
+    q: torch.Tensor,
+    rep: torch.Tensor,
+    block_size: int,
+    num_keys: int,
+    *,
+    scale: float | None = None,
     seq_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch reference for :func:`block_scores`."""
@@ -232,8 +385,9 @@ def select_blocks_device(
         width = selection_width(budget, block_size, nb, span)
     allowed = allowed_blocks(nb, row_last_block, block_size, seq_start, b).expand(b, g, r, nb)
     sink_block = (
-        seq_start.long() // block_size if seq_start is not None else torch.zeros(b, dtype=torch.long,
-                                                                                  device=mass.device)
+        seq_start.long() // block_size
+        if seq_start is not None
+        else torch.zeros(b, dtype=torch.long, device=mass.device)
     )
     n_sink, n_recent = _budget_blocks(budget, block_size)
     j = torch.arange(nb, device=mass.device)
