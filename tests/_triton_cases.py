@@ -45,8 +45,21 @@ def _qkv(b, hq, hkv, lq, lk, d, dtype, device, gen):
 
 
 def prefill_case(
-    *, b=1, hq=2, hkv=1, lq=130, lk=130, d=32, bs=64, dtype="fp32", density=0.5, shared=False,
-    seq_start=None, full=False, device="cpu", seed=0,
+    *,
+    b=1,
+    hq=2,
+    hkv=1,
+    lq=130,
+    lk=130,
+    d=32,
+    bs=64,
+    dtype="fp32",
+    density=0.5,
+    shared=False,
+    seq_start=None,
+    full=False,
+    device="cpu",
+    seed=0,
 ) -> Callable[[], str | None]:
     def run() -> str | None:
         from spotattn.kernels import triton_ops
@@ -77,8 +90,24 @@ def prefill_case(
 
 
 def decode_case(
-    *, b=1, hq=2, hkv=1, t=1, lk=300, d=32, bs=16, dtype="fp32", density=0.5, shared=False, seq_start=None,
-    full=False, splits=None, paged=False, device="cpu", seed=0, width_pad=0,
+    *,
+    b=1,
+    hq=2,
+    hkv=1,
+    t=1,
+    lk=300,
+    d=32,
+    bs=16,
+    dtype="fp32",
+    density=0.5,
+    shared=False,
+    seq_start=None,
+    full=False,
+    splits=None,
+    paged=False,
+    device="cpu",
+    seed=0,
+    width_pad=0,
 ) -> Callable[[], str | None]:
     def run() -> str | None:
         from spotattn.kernels import triton_ops
@@ -108,8 +137,17 @@ def decode_case(
             vp[perm.reshape(-1)] = vf.reshape(-1, hkv, bs, d)
             lens = torch.full((b,), lk, dtype=torch.int32, device=device)
             out, lse = triton_ops.sparse_decode_paged(
-                q, kp.transpose(1, 2), vp.transpose(1, 2), perm, lens, ids, counts, bs, seq_start=start,
-                kv_layout="NHD", num_splits=splits,
+                q,
+                kp.transpose(1, 2),
+                vp.transpose(1, 2),
+                perm,
+                lens,
+                ids,
+                counts,
+                bs,
+                seq_start=start,
+                kv_layout="NHD",
+                num_splits=splits,
             )
         else:
             out, lse = triton_ops.sparse_decode(q, k, v, ids, counts, bs, seq_start=start, num_splits=splits)
@@ -123,8 +161,9 @@ def decode_case(
     return run
 
 
-def scores_case(*, b=2, hq=4, hkv=2, t=1, lk=1000, d=32, bs=16, dtype="fp32", seq_start=(0, 40),
-                device="cpu", seed=0) -> Callable[[], str | None]:
+def scores_case(
+    *, b=2, hq=4, hkv=2, t=1, lk=1000, d=32, bs=16, dtype="fp32", seq_start=(0, 40), device="cpu", seed=0
+) -> Callable[[], str | None]:
     def run() -> str | None:
         from spotattn.kernels import triton_ops
 
@@ -140,13 +179,19 @@ def scores_case(*, b=2, hq=4, hkv=2, t=1, lk=1000, d=32, bs=16, dtype="fp32", se
         if err > (1e-4 if dt == torch.float32 else 2e-2) * (hq // hkv * t):
             return f"block score max err {err:.2e}"
         first, last = rows_for_decode(t, lk, bs, device)
-        budgets = [TopK(160), TopP(0.5), DualTopP(p=0.8, sink=32, recent=64, min_tokens=64),
-                   DualTopP(p=0.99, sink=16, recent=16, min_tokens=32, max_tokens=128)]
+        budgets = [
+            TopK(160),
+            TopP(0.5),
+            DualTopP(p=0.8, sink=32, recent=64, min_tokens=64),
+            DualTopP(p=0.99, sink=16, recent=16, min_tokens=32, max_tokens=128),
+        ]
         for budget in budgets:
-            want = select_blocks(ref.unsqueeze(2), budget, bs, row_first_block=first, row_last_block=last,
-                                 seq_start=start)
-            got = triton_ops.select_blocks_device(ref.unsqueeze(2), budget, bs, row_first_block=first,
-                                                  row_last_block=last, seq_start=start)
+            want = select_blocks(
+                ref.unsqueeze(2), budget, bs, row_first_block=first, row_last_block=last, seq_start=start
+            )
+            got = triton_ops.select_blocks_device(
+                ref.unsqueeze(2), budget, bs, row_first_block=first, row_last_block=last, seq_start=start
+            )
             w = want.block_ids.shape[-1]
             same = torch.equal(want.counts, got.counts)
             same = same and torch.equal(want.block_ids, got.block_ids[..., :w])
@@ -170,8 +215,12 @@ def errors_case(device="cpu") -> Callable[[], str | None]:
         dec_ids, dec_cnt = ids[:, :, 0], cnt[:, :, 0]
         checks = [
             ("block_size", lambda: triton_ops.block_sparse_prefill(q, k, k, ids, cnt, 32)),
-            ("head_dim", lambda: triton_ops.block_sparse_prefill(
-                q[..., :24], k[..., :24], k[..., :24], ids[:, :, :1], cnt[:, :, :1], 64)),
+            (
+                "head_dim",
+                lambda: triton_ops.block_sparse_prefill(
+                    q[..., :24], k[..., :24], k[..., :24], ids[:, :, :1], cnt[:, :, :1], 64
+                ),
+            ),
             ("block_size", lambda: triton_ops.sparse_decode(q[:, :, :1], k, k, dec_ids, dec_cnt, 8)),
             ("query tokens", lambda: triton_ops.sparse_decode(q[:, :, :9], k, k, dec_ids, dec_cnt, 16)),
         ]
@@ -193,22 +242,30 @@ def interpreter_cases() -> dict[str, Callable[[], str | None]]:
     cases: dict[str, Callable[[], str | None]] = {}
     for dtype in ("fp32", "bf16"):
         for grp in (1, 2, 4):
-            cases[f"prefill-g{grp}-{dtype}"] = prefill_case(hq=2 * grp, hkv=2, lq=131, lk=131, dtype=dtype,
-                                                            seed=grp)
-            cases[f"decode-g{grp}-t3-{dtype}"] = decode_case(hq=2 * grp, hkv=2, t=3, lk=301, dtype=dtype,
-                                                             splits=3, seed=grp)
-        cases[f"prefill-b2-pad-chunk-{dtype}"] = prefill_case(b=2, hq=4, hkv=2, lq=70, lk=199, dtype=dtype,
-                                                              seq_start=(0, 37), seed=7)
-        cases[f"prefill-bs128-shared-{dtype}"] = prefill_case(b=2, hq=4, hkv=2, lq=150, lk=150, d=64, bs=128,
-                                                              dtype=dtype, shared=True, seq_start=(3, 0))
-        cases[f"prefill-full-dense-{dtype}"] = prefill_case(b=2, hq=4, hkv=2, lq=193, lk=193, dtype=dtype,
-                                                            full=True, seq_start=(0, 21))
-        cases[f"decode-b2-pad-bs64-{dtype}"] = decode_case(b=2, hq=4, hkv=2, t=2, lk=333, d=64, bs=64,
-                                                           dtype=dtype, seq_start=(0, 70), splits=2)
-        cases[f"decode-full-dense-{dtype}"] = decode_case(b=2, hq=6, hkv=2, t=1, lk=257, dtype=dtype,
-                                                          full=True, seq_start=(5, 0), width_pad=3)
-        cases[f"decode-paged-{dtype}"] = decode_case(b=2, hq=4, hkv=2, t=2, lk=200, dtype=dtype, paged=True,
-                                                     seq_start=(0, 19), splits=4, shared=True)
+            cases[f"prefill-g{grp}-{dtype}"] = prefill_case(
+                hq=2 * grp, hkv=2, lq=131, lk=131, dtype=dtype, seed=grp
+            )
+            cases[f"decode-g{grp}-t3-{dtype}"] = decode_case(
+                hq=2 * grp, hkv=2, t=3, lk=301, dtype=dtype, splits=3, seed=grp
+            )
+        cases[f"prefill-b2-pad-chunk-{dtype}"] = prefill_case(
+            b=2, hq=4, hkv=2, lq=70, lk=199, dtype=dtype, seq_start=(0, 37), seed=7
+        )
+        cases[f"prefill-bs128-shared-{dtype}"] = prefill_case(
+            b=2, hq=4, hkv=2, lq=150, lk=150, d=64, bs=128, dtype=dtype, shared=True, seq_start=(3, 0)
+        )
+        cases[f"prefill-full-dense-{dtype}"] = prefill_case(
+            b=2, hq=4, hkv=2, lq=193, lk=193, dtype=dtype, full=True, seq_start=(0, 21)
+        )
+        cases[f"decode-b2-pad-bs64-{dtype}"] = decode_case(
+            b=2, hq=4, hkv=2, t=2, lk=333, d=64, bs=64, dtype=dtype, seq_start=(0, 70), splits=2
+        )
+        cases[f"decode-full-dense-{dtype}"] = decode_case(
+            b=2, hq=6, hkv=2, t=1, lk=257, dtype=dtype, full=True, seq_start=(5, 0), width_pad=3
+        )
+        cases[f"decode-paged-{dtype}"] = decode_case(
+            b=2, hq=4, hkv=2, t=2, lk=200, dtype=dtype, paged=True, seq_start=(0, 19), splits=4, shared=True
+        )
     cases["decode-t8-g4-auto-splits"] = decode_case(hq=4, hkv=1, t=8, lk=500, dtype="bf16")
     cases["scores-select-fp32"] = scores_case()
     cases["scores-select-bf16-t2"] = scores_case(hq=6, t=2, lk=300, d=64, dtype="bf16")

@@ -34,8 +34,21 @@ GRID = [(dt, h) for dt in ("bf16", "fp16") for h in HEADS] + [("fp32", HEADS[1])
 def test_prefill_grid(dtype, heads, bs, b, lq, lk, start) -> None:
     hq, hkv, d = heads
     for density, full, shared in ((0.15, False, False), (0.5, False, True), (1.0, True, False)):
-        err = prefill_case(b=b, hq=hq, hkv=hkv, lq=lq, lk=lk, d=d, bs=bs, dtype=dtype, density=density,
-                           full=full, shared=shared, seq_start=start, device="cuda")()
+        err = prefill_case(
+            b=b,
+            hq=hq,
+            hkv=hkv,
+            lq=lq,
+            lk=lk,
+            d=d,
+            bs=bs,
+            dtype=dtype,
+            density=density,
+            full=full,
+            shared=shared,
+            seq_start=start,
+            device="cuda",
+        )()
         assert err is None, f"density {density}, shared {shared}: {err}"
 
 
@@ -44,20 +57,38 @@ def test_prefill_grid(dtype, heads, bs, b, lq, lk, start) -> None:
 @pytest.mark.parametrize("t", [1, 8])
 def test_decode_grid(dtype, heads, bs, t) -> None:
     hq, hkv, d = heads
-    settings = ((1, 8191, None, 0.05, False), (4, 3000, (0, 5, 900, 2999), 0.3, False),
-                (2, 4097, (17, 0), 0.5, True))
+    settings = (
+        (1, 8191, None, 0.05, False),
+        (4, 3000, (0, 5, 900, 2999), 0.3, False),
+        (2, 4097, (17, 0), 0.5, True),
+    )
     for b, lk, start, density, paged in settings:
         for full in (False, True):
-            err = decode_case(b=b, hq=hq, hkv=hkv, t=t, lk=lk, d=d, bs=bs, dtype=dtype, density=density,
-                              full=full, seq_start=start, paged=paged, device="cuda", width_pad=5)()
+            err = decode_case(
+                b=b,
+                hq=hq,
+                hkv=hkv,
+                t=t,
+                lk=lk,
+                d=d,
+                bs=bs,
+                dtype=dtype,
+                density=density,
+                full=full,
+                seq_start=start,
+                paged=paged,
+                device="cuda",
+                width_pad=5,
+            )()
             assert err is None, f"b {b}, lk {lk}, paged {paged}, full {full}: {err}"
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("t", [1, 3])
 def test_scores_and_selection(dtype, t) -> None:
-    err = scores_case(b=2, hq=32, hkv=8, t=t, lk=20000, d=128, bs=16, dtype=dtype, seq_start=(0, 999),
-                      device="cuda")()
+    err = scores_case(
+        b=2, hq=32, hkv=8, t=t, lk=20000, d=128, bs=16, dtype=dtype, seq_start=(0, 999), device="cuda"
+    )()
     assert err is None, err
 
 
@@ -70,8 +101,13 @@ def _decode_inputs(lk=4096, budget_blocks=20, bs=64):
     q = torch.randn(2, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(2, 8, lk, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    ids = torch.stack([torch.randperm(lk // bs, device="cuda")[:budget_blocks].sort().values
-                       for _ in range(16)]).view(2, 8, budget_blocks).int()
+    ids = (
+        torch.stack(
+            [torch.randperm(lk // bs, device="cuda")[:budget_blocks].sort().values for _ in range(16)]
+        )
+        .view(2, 8, budget_blocks)
+        .int()
+    )
     counts = torch.full((2, 8), budget_blocks, dtype=torch.int32, device="cuda")
     return q, k, v, ids, counts, bs
 
@@ -105,8 +141,9 @@ def test_torch_compile_and_cuda_graph() -> None:
         from spotattn.types import TopK
 
         first, last = rows_for_decode(1, k.shape[2], bs, "cuda")
-        sel = triton_ops.select_blocks_device(mass.unsqueeze(2), TopK(1024), bs, row_first_block=first,
-                                              row_last_block=last)
+        sel = triton_ops.select_blocks_device(
+            mass.unsqueeze(2), TopK(1024), bs, row_first_block=first, row_last_block=last
+        )
         return triton_ops.sparse_decode(q, k, v, sel.block_ids[:, :, 0], sel.counts[:, :, 0], bs), sel
 
     step()  # warm-up: compiles kernels outside the capture

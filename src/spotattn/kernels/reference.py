@@ -21,12 +21,19 @@ def _attend(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention in float32 over ``(..., M, D)`` queries and ``(..., N, D)`` keys under a
     boolean ``(..., M, N)`` mask; rows with no allowed key give zeros and ``-inf``."""
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.nan_to_num(neginf=0.0).unsqueeze(-1))
-    out = torch.matmul(probs, v.float())
-    return out, lse
+    q, k, v = q.float(), k.float(), v.float()
+    allowed = allowed.expand(*q.shape[:-1], k.shape[-2])
+    if q.device.type == "cpu" and q.dim() == 4:
+        # PyTorch's fused CPU kernel returns the log-sum-exp too, and is several times faster here.
+        bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)[:2]
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.matmul(torch.exp(scores - lse.nan_to_num(neginf=0.0).unsqueeze(-1)), v)
+    empty = ~allowed.any(dim=-1)
+    return out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))
 
 
 def _gather_blocks(x: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
@@ -91,34 +98,41 @@ def block_sparse_prefill_ref(
     *,
     scale: float | None = None,
     seq_start: torch.Tensor | None = None,
+    chunk: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention where query block ``r`` reads only the key blocks ``block_ids[b, g, r, :counts]``.
 
     Rows are query blocks aligned to absolute positions: row 0 is the block holding the first query.
-    Works one query block at a time over the gathered keys, so cost follows the density.
+    Works in query chunks under a token mask expanded from the block lists (simple and vectorised; the
+    GPU kernels are the ones whose cost follows the density).
     """
     b, hq, lq, d = check_attention_inputs(q, k, v, seq_start)
     hkv, lk = k.shape[1], k.shape[2]
-    _check_selection(block_ids, counts, b, hkv, num_query_blocks(lq, lk, block_size))
+    rows = num_query_blocks(lq, lk, block_size)
+    _check_selection(block_ids, counts, b, hkv, rows)
     scale = d**-0.5 if scale is None else scale
     group = hq // hkv
     offset = lk - lq
     first = offset // block_size
+    num_blocks = blocks_in(lk, block_size)
+    live = torch.arange(block_ids.shape[-1], device=q.device) < counts.unsqueeze(-1)
+    chosen = torch.zeros(*block_ids.shape[:3], num_blocks + 1, dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, torch.where(live, block_ids.long(), num_blocks), True)
+    token_chosen = chosen[..., :num_blocks].repeat_interleave(block_size, dim=-1)[..., :lk]  # (B, G, R, Lk)
+    key_pos = torch.arange(lk, device=q.device)
     start = seq_start.view(b, 1, 1, 1) if seq_start is not None else 0
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
-    for r in range(block_ids.shape[2]):
-        qa = max(offset, (first + r) * block_size) - offset
-        qe = min(lk, (first + r + 1) * block_size) - offset
-        tokens, valid = _selected_tokens(block_ids[:, :, r], counts[:, :, r], block_size, lk)
-        ks, vs = _gather_blocks(k, tokens), _gather_blocks(v, tokens)
-        qpos = (torch.arange(qa, qe, device=q.device) + offset).repeat(group)
-        tok = tokens.expand(b, hkv, -1).unsqueeze(2)
-        allowed = valid.expand(b, hkv, -1).unsqueeze(2) & (tok <= qpos.view(1, 1, -1, 1)) & (tok >= start)
-        qc = q[:, :, qa:qe].reshape(b, hkv, group * (qe - qa), d)
-        o, s = _attend(qc, ks, vs, allowed, scale)
-        out[:, :, qa:qe] = o.view(b, hq, qe - qa, d).to(q.dtype)
-        lse[:, :, qa:qe] = s.view(b, hq, qe - qa)
+    for a in range(0, lq, chunk):
+        e = min(lq, a + chunk)
+        qpos = torch.arange(a, e, device=q.device) + offset
+        selected = token_chosen[:, :, qpos // block_size - first]  # (B, G, c, Lk)
+        allowed = selected & (key_pos <= qpos.unsqueeze(-1)) & (key_pos >= start)
+        allowed = allowed.expand(b, hkv, e - a, lk).repeat(1, 1, group, 1)
+        qc = q[:, :, a:e].reshape(b, hkv, group * (e - a), d)
+        o, s = _attend(qc, k, v, allowed, scale)
+        out[:, :, a:e] = o.view(b, hq, e - a, d).to(q.dtype)
+        lse[:, :, a:e] = s.view(b, hq, e - a)
     return out, lse
 
 

@@ -37,32 +37,38 @@ def exact_block_mass(
     key: torch.Tensor,
     scale: float,
     block_size: int,
-    query_blocks: list[tuple[int, int]],
+    row_of_query: torch.Tensor,
+    num_rows: int,
     seq_start: torch.Tensor | None,
     shared: bool,
+    chunk: int = 512,
 ) -> torch.Tensor:
-    """Exact attention mass of each key block, averaged over each row's queries and heads.
+    """Exact attention mass of each key block, for each row: the largest share any of the row's queries
+    (and the heads that share the row's list) gives that block.
 
-    ``query_blocks`` lists each row's query span as indices into ``query``. Returns ``(B, G, R, NB)``
-    with G = Hkv (or 1 when ``shared``). Computed one row at a time: memory stays linear in length.
+    The maximum, not the mean, so that a block one query needs is not voted down by the others.
+    ``row_of_query`` ``(Lq,)`` maps each query to its row. Returns ``(B, G, R, NB)``, G = Hkv or 1.
+    Works in query chunks, so memory stays linear in length.
     """
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     group = hq // hkv
     offset = lk - lq
+    num_blocks = -(-lk // block_size)
     key_pos = torch.arange(lk, device=query.device)
     start = seq_start.view(b, 1, 1, 1) if seq_start is not None else 0
-    rows = []
-    for qa, qe in query_blocks:
-        qc = query[:, :, qa:qe].reshape(b, hkv, group * (qe - qa), d).float()
+    out = torch.zeros(b, hkv, num_rows, num_blocks, device=query.device)
+    for a in range(0, lq, chunk):
+        e = min(lq, a + chunk)
+        qc = query[:, :, a:e].reshape(b, hkv, group * (e - a), d).float()
         scores = torch.matmul(qc, key.float().transpose(-1, -2)) * scale
-        qpos = (torch.arange(qa, qe, device=query.device) + offset).repeat(group)
+        qpos = (torch.arange(a, e, device=query.device) + offset).repeat(group)
         allowed = (key_pos <= qpos.unsqueeze(-1)) & (key_pos >= start)
         probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-        mass = probs.mean(dim=2, keepdim=True)  # over the group's heads and the row's queries
-        rows.append(block_sums(mass, block_size))
-    mass = torch.cat(rows, dim=2)
-    return mass.mean(dim=1, keepdim=True) if shared else mass
+        mass = block_sums(probs, block_size).view(b, hkv, group, e - a, num_blocks).amax(dim=2)
+        rows = row_of_query[a:e].view(1, 1, -1, 1).expand_as(mass)
+        out.scatter_reduce_(2, rows, mass, reduce="amax")
+    return out.amax(dim=1, keepdim=True) if shared else out
 
 
 @register_method("oracle")
@@ -74,12 +80,10 @@ class Oracle(Method):
             return None
         bs = self.config.block_size
         first, rows = rows_for_prefill(call.num_queries, call.num_keys, bs, call.query.device)
-        offset = call.num_keys - call.num_queries
-        spans = [
-            (max(offset, int(r) * bs) - offset, min(call.num_keys, (int(r) + 1) * bs) - offset) for r in rows
-        ]
+        positions = torch.arange(call.num_keys - call.num_queries, call.num_keys, device=call.query.device)
         mass = exact_block_mass(
-            call.query, call.key, call.scale, bs, spans, call.seq_start, self.config.granularity == "shared"
+            call.query, call.key, call.scale, bs, positions // bs - first, len(rows), call.seq_start,
+            self.config.granularity == "shared",
         )
         return select_blocks(
             mass, self.config.budget, bs, row_first_block=rows, row_last_block=rows,
@@ -89,8 +93,9 @@ class Oracle(Method):
     def decode(self, call: AttentionCall) -> Selection | None:
         bs = self.config.block_size
         first, last = rows_for_decode(call.num_queries, call.num_keys, bs, call.query.device)
+        row_of_query = torch.zeros(call.num_queries, dtype=torch.long, device=call.query.device)
         mass = exact_block_mass(
-            call.query, call.key, call.scale, bs, [(0, call.num_queries)], call.seq_start,
+            call.query, call.key, call.scale, bs, row_of_query, 1, call.seq_start,
             self.config.granularity == "shared",
         )
         return select_blocks(

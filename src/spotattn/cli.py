@@ -1,0 +1,163 @@
+"""The ``spotattn`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from .methods import available_methods, make_config
+from .types import BUDGET_TYPES, DualTopP, TopK, TopP
+
+
+def parse_budget(text: str):
+    """``topk:1024``, ``topp:0.9`` or ``dual_topp:0.9[,sink=128,recent=256,min_tokens=512,max_tokens=4096]``."""
+    rule, _, rest = text.partition(":")
+    if rule not in BUDGET_TYPES or not rest:
+        raise click.BadParameter(
+            f"{text!r}; expected topk:TOKENS, topp:P or dual_topp:P[,sink=N,recent=N,min_tokens=N,max_tokens=N]",
+            param_hint="--budget",
+        )
+    head, *options = rest.split(",")
+    try:
+        if rule == "topk":
+            return TopK(int(head))
+        if rule == "topp":
+            return TopP(float(head))
+        kwargs = {}
+        for option in options:
+            key, _, value = option.partition("=")
+            kwargs[key.strip()] = int(value)
+        return DualTopP(float(head), **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--budget") from exc
+
+
+def parse_options(pairs: tuple[str, ...]) -> dict:
+    """``key=value`` pairs; values parse as JSON when they can (numbers, true/false), else strings."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--set")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def build_config(method: str, budget: str | None, block_size: int | None, pairs: tuple[str, ...]):
+    options = parse_options(pairs)
+    if budget is not None:
+        options["budget"] = parse_budget(budget)
+    if block_size is not None:
+        options["block_size"] = block_size
+    try:
+        return make_config(method, **options)
+    except (ValueError, TypeError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--method/--set") from exc
+
+
+def method_options(fn):
+    fn = click.option("--set", "pairs", multiple=True, metavar="KEY=VALUE", help="Other method options.")(fn)
+    fn = click.option("--block-size", type=int, default=None, help="Key block size (16..256, power of two).")(fn)
+    fn = click.option("--budget", default=None, help="topk:TOKENS | topp:P | dual_topp:P[,sink=..,recent=..].")(fn)
+    fn = click.option(
+        "--method", default="dense", show_default=True, help=f"One of: {', '.join(available_methods())}."
+    )(fn)
+    return fn
+
+
+@click.group()
+@click.version_option(package_name="spotattn")
+def main() -> None:
+    """spotattn: plug-in sparse attention for Hugging Face long-context models."""
+
+
+@main.command()
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+              help="HF id or folder, a .gguf file, smollm2-135m (offline) or random:<shape>.")
+@method_options
+@click.option("--prompt", default=None, help="Prompt text.")
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--sample/--greedy", default=False, show_default=True)
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the chat template.")
+@click.option("--device", default="auto", show_default=True)
+def generate(model_name, method, budget, block_size, pairs, prompt, prompt_file, max_new_tokens, sample,
+             temperature, seed, chat, device) -> None:
+    """Generate a continuation with a sparse-attention method and report the density it read."""
+    from . import density, sparsify
+    from .models import load_model
+
+    if (prompt is None) == (prompt_file is None):
+        raise click.UsageError("give exactly one of --prompt or --prompt-file")
+    if max_new_tokens <= 0:
+        raise click.BadParameter("must be positive", param_hint="--max-new-tokens")
+    config = build_config(method, budget, block_size, pairs)
+    text = prompt if prompt is not None else prompt_file.read_text(encoding="utf-8")
+    model, tokenizer = load_model(model_name, device=device)
+    if tokenizer is None:
+        raise click.UsageError(f"{model_name} has no tokenizer; generate needs a real model")
+    input_ids = encode_prompt(tokenizer, text, chat).to(model.device)
+    sparsify(model, config)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             do_sample=sample, temperature=temperature if sample else None, top_p=None, top_k=None)
+    elapsed = time.perf_counter() - start
+    click.echo(tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True))
+    report = density(model)
+    click.echo(f"\n[{config.method}] {input_ids.shape[1]} prompt tokens, {elapsed:.2f} s, "
+               f"density prefill {density(model, 'prefill').mean:.1%}, decode {density(model, 'decode').mean:.1%}",
+               err=True)
+    click.echo(report.compact(), err=True)
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> torch.Tensor:
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        return torch.tensor([list(ids)])
+    return tokenizer(text, return_tensors="pt")["input_ids"]
+
+
+@main.command()
+@click.option("--tokens", type=int, default=4096, show_default=True, help="Prompt length.")
+@click.option("--depth", type=float, default=0.5, show_default=True, help="Needle depth in [0, 1].")
+@click.option("--device", default="auto", show_default=True)
+@method_options
+def demo(tokens, depth, device, method, budget, block_size, pairs) -> None:
+    """Needle in a haystack on SmolLM2 (offline): dense against a sparse method, side by side."""
+    from .demo import run_demo
+
+    if method == "dense" and budget is None and block_size is None and not pairs:
+        config = None  # the demo's default sparse method
+    else:
+        config = build_config(method, budget, block_size, pairs)
+    run_demo(tokens=tokens, depth=depth, device=device, config=config, echo=click.echo)
+
+
+@main.group()
+def bench() -> None:
+    """Speed benchmarks against dense attention, measured in one run."""
+
+
+try:
+    from .bench.kernels import kernels_command
+
+    bench.add_command(kernels_command, name="kernels")
+except ImportError:  # the kernel benchmark needs its optional modules
+    pass
+
+
+if __name__ == "__main__":
+    main()
