@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -45,9 +44,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@functools.lru_cache(maxsize=8)
+_SM_COUNTS: dict[int, int] = {}
+
+
+@torch.compiler.assume_constant_result
 def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    # A constant to torch.compile (no graph break); cached because the property query is slow.
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 def sm_count(device: torch.device) -> int:
