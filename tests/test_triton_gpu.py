@@ -133,14 +133,14 @@ def test_torch_compile_and_cuda_graph() -> None:
     torch.testing.assert_close(out[0], eager[0], rtol=0, atol=0)
 
     # Capture the selection + decode step in a CUDA graph, change the inputs in place, replay.
+    from spotattn.selection import rows_for_decode
+    from spotattn.types import TopK
+
     rep = k.view(2, 8, -1, bs, 128).mean(3)
+    first, last = rows_for_decode(1, k.shape[2], bs, "cuda")  # host-built: made before the capture
 
     def step():
         mass = triton_ops.block_scores(q, rep, bs, k.shape[2])
-        from spotattn.selection import rows_for_decode
-        from spotattn.types import TopK
-
-        first, last = rows_for_decode(1, k.shape[2], bs, "cuda")
         sel = triton_ops.select_blocks_device(
             mass.unsqueeze(2), TopK(1024), bs, row_first_block=first, row_last_block=last
         )
