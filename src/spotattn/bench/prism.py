@@ -1,0 +1,136 @@
+"""Prism estimation cost against dense prefill, one attention layer (``python -m spotattn.bench.prism``).
+
+For each length: random post-RoPE queries and keys of a real layer shape (Qwen3-8B: 32 query heads, 8 kv
+heads, head dim 128, RoPE base 1e6), bf16 on CUDA. Timed with CUDA events (median after warm-up):
+
+- ``estimate_ms``: the whole ``prism`` prefill selection as the integration calls it (mean pooling,
+  calibration, the Triton estimation kernels, the block lists), and its parts;
+- ``dense_cudnn_ms`` / ``dense_flash_ms``: dense causal SDPA on the cuDNN and flash backends;
+- ``sparse_ms``: the Triton block-sparse prefill over Prism's own selection, at the density it chose.
+
+Random activations carry no real attention structure, so the density here is not a model's density;
+only the costs are meaningful. At short lengths the Triton mask is also checked against the PyTorch
+estimator (``mask_mismatch``). Writes ``prism.json`` and ``prism.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from ..methods.base import AttentionCall
+from ..methods.prism import Prism, PrismConfig, band_scales, mean_pool, pooled_block_mask
+from ..selection import density_of
+from .kernels import SHAPES, _bench, _sdpa_fn
+
+
+def _rope(x: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate-half RoPE at positions 0..L-1, as Hugging Face applies it."""
+    d = x.shape[-1]
+    inv = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    ang = torch.arange(x.shape[2], device=x.device, dtype=torch.float32)[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(x.dtype), torch.cat([ang.sin()] * 2, -1).to(x.dtype)
+    rot = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
+    return x * cos + rot * sin
+
+
+def bench_length(shape_name: str, length: int, p: float, check: bool, log, device: str = "cuda") -> dict:
+    from torch.nn.attention import SDPBackend
+
+    from ..kernels import prism_triton, triton_ops
+
+    shape = SHAPES[shape_name]
+    dev, dt = torch.device(device), torch.bfloat16
+    torch.manual_seed(0)
+    q = _rope(torch.randn(1, shape.q_heads, length, shape.head_dim, device=dev, dtype=dt), 1e6)
+    k = _rope(torch.randn(1, shape.kv_heads, length, shape.head_dim, device=dev, dtype=dt), 1e6)
+    v = torch.randn_like(k)
+    config = PrismConfig(block_size=128, p=p)
+    method = Prism(config, None, 0)
+    scale = shape.head_dim**-0.5
+    call = AttentionCall(q, k, v, scale, 0, None)
+    bs = config.block_size
+    bands, _ = method.bands(shape.head_dim)
+    row: dict = dict(shape=shape_name, length=length, block_size=bs, p=p)
+
+    def pool():
+        return mean_pool(q, bs), mean_pool(k, bs)
+
+    qbar, kbar = pool()
+    inv = band_scales(qbar, kbar, bands, True)
+    row["pool_ms"] = _bench(pool)
+    row["calibrate_ms"] = _bench(lambda: band_scales(qbar, kbar, bands, True))
+    row["kernels_ms"] = _bench(lambda: prism_triton.prism_block_mask(qbar, kbar, bands, inv, p, bs, 0, None))
+    row["estimate_ms"] = _bench(lambda: method.prefill(call))
+    selection = method.prefill(call)
+    read, avail = density_of(selection, length, length, None, decode=False)
+    row["density"] = float(read.sum() / avail.sum())
+    if check:
+        mask_t = prism_triton.prism_block_mask(qbar, kbar, bands, inv, p, bs, 0, None)
+        mask_r = pooled_block_mask(qbar, kbar, bands, inv, p, bs, 0, None)
+        row["mask_mismatch"] = float((mask_t != mask_r).float().mean())
+    log(f"L={length}: estimate {row['estimate_ms']:.3f} ms, density {row['density']:.3f}")
+    cudnn = _sdpa_fn(SDPBackend.CUDNN_ATTENTION, q, k, v, True)
+    flash = _sdpa_fn(SDPBackend.FLASH_ATTENTION, q, k, v, True)
+    row["dense_cudnn_ms"] = _bench(cudnn) if cudnn else None
+    row["dense_flash_ms"] = _bench(flash) if flash else None
+    log(f"L={length}: dense cudnn {row['dense_cudnn_ms']}, flash {row['dense_flash_ms']}")
+    sparse = functools.partial(
+        triton_ops.block_sparse_prefill, q, k, v, selection.block_ids, selection.counts, bs, scale=scale
+    )
+    row["sparse_ms"] = _bench(sparse)
+    dense = row["dense_cudnn_ms"] or row["dense_flash_ms"]
+    if dense:
+        row["estimate_share_of_dense"] = row["estimate_ms"] / dense
+        row["sparse_speedup_vs_dense"] = dense / row["sparse_ms"]
+        row["total_speedup_vs_dense"] = dense / (row["sparse_ms"] + row["estimate_ms"])
+    log(json.dumps(row))
+    return row
+
+
+def write_report(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prism.json").write_text(json.dumps(rows, indent=2))
+    head = (
+        "| length | estimate ms | pool | calib | kernels | dense cuDNN ms | est/dense | density | sparse ms |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['length']} | {r['estimate_ms']:.3f} | {r['pool_ms']:.3f} | {r['calibrate_ms']:.3f} | "
+            f"{r['kernels_ms']:.3f} | {r.get('dense_cudnn_ms') or float('nan'):.2f} | "
+            f"{100 * r.get('estimate_share_of_dense', float('nan')):.1f}% | {r['density']:.3f} | "
+            f"{r['sparse_ms']:.2f} |"
+        )
+    (out / "prism.md").write_text("\n".join(lines) + "\n")
+
+
+@click.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--shape", default="qwen3-8b", type=click.Choice(sorted(SHAPES)))
+@click.option("--lengths", default="16384,131072", help="comma-separated sequence lengths")
+@click.option("--p", default=0.93, type=float)
+@click.option("--check-below", default=32768, type=int, help="compare with the PyTorch estimator below this")
+def main(out_dir: Path, shape: str, lengths: str, p: float, check_below: int) -> None:
+    """Time Prism's estimation against dense cuDNN prefill on one layer."""
+    if not torch.cuda.is_available():
+        raise click.ClickException("this benchmark needs CUDA")
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        click.echo(f"[{time.time() - t0:6.1f}s] {msg}", err=True)
+
+    rows = []
+    for length in (int(x) for x in lengths.split(",")):
+        rows.append(bench_length(shape, length, p, length < check_below, log))
+        write_report(rows, out_dir)  # keep what is done if a later length fails
+    click.echo((out_dir / "prism.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
