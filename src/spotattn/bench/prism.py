@@ -26,6 +26,7 @@ import torch
 from ..methods.base import AttentionCall
 from ..methods.prism import Prism, PrismConfig, band_scales, mean_pool, pooled_block_mask
 from ..selection import density_of
+from ..types import Selection
 from .kernels import SHAPES, _bench, _sdpa_fn
 
 
@@ -68,7 +69,8 @@ def bench_length(shape_name: str, length: int, p: float, check: bool, log, devic
     row["kernels_ms"] = _bench(lambda: prism_triton.prism_block_mask(qbar, kbar, bands, inv, p, bs, 0, None))
     row["estimate_ms"] = _bench(lambda: method.prefill(call))
     selection = method.prefill(call)
-    read, avail = density_of(selection, length, length, None, decode=False)
+    on_host = Selection(selection.block_ids.cpu(), selection.counts.cpu(), bs, selection.first_row)
+    read, avail = density_of(on_host, length, length, None, decode=False)
     row["density"] = float(read.sum() / avail.sum())
     if check:
         mask_t = prism_triton.prism_block_mask(qbar, kbar, bands, inv, p, bs, 0, None)
