@@ -158,6 +158,10 @@ try:
 except ImportError:  # the kernel benchmark needs its optional modules
     pass
 
+from .eval.cli import eval_command  # noqa: E402
+
+main.add_command(eval_command, name="eval")
+
 
 if __name__ == "__main__":
     main()

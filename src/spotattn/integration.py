@@ -6,6 +6,7 @@ mask functions, and switches the model to them; ``unsparsify`` restores the mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,10 @@ class LayerState:
     cache: Cache | None = None
     read: dict[str, torch.Tensor] = field(default_factory=dict)
     available: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Optional inspection hook (evaluation): the latest call's selection (None: dense) and a callback
+    # ``observer(state, call, selection, phase)`` run before attention; off unless someone sets it.
+    last_selection: Selection | None = None
+    observer: Callable[[LayerState, AttentionCall, Selection | None, str], None] | None = None
 
     def record(self, phase: str, read: torch.Tensor, available: torch.Tensor) -> None:
         """Add tokens read/available per kv-group (summed over the batch) without a host sync."""
@@ -135,6 +140,9 @@ def run_layer(state: LayerState, q, k, v, scale: float, seq_start: torch.Tensor 
         q, k, v, scale, state.layer_idx, seq_start, hidden_states=state.hidden_states, cache_state=state.cache_meta()
     )
     selection: Selection | None = state.method.decode(call) if decode else state.method.prefill(call)
+    state.last_selection = selection
+    if state.observer is not None:
+        state.observer(state, call, selection, phase)
     if selection is None:
         out = dense_sdpa(q, k, v, scale, seq_start)
         available = _causal_tokens(lq, lk, seq_start, q.shape[0], q.device)
@@ -283,6 +291,11 @@ def unsparsify(model: torch.nn.Module) -> torch.nn.Module:
     model.set_attn_implementation(record.previous_attn_implementation)
     delattr(model, MODEL_ATTR)
     return model
+
+
+def layer_states(model: torch.nn.Module) -> list[LayerState]:
+    """The per-layer states of a sparsified model, in layer order (for inspection hooks)."""
+    return list(_record(model).layers)
 
 
 def sparsified_config(model: torch.nn.Module) -> MethodConfig | None:

@@ -19,12 +19,17 @@ TaskBuilder = Callable[..., TaskSample]
 TASKS: dict[str, TaskBuilder] = {
     "niah_single": partial(build_niah, variant="single", haystack="essay"),
     "niah_multikey": partial(build_niah, variant="multikey", haystack="essay"),
-    "niah_multivalue": partial(build_niah, variant="multivalue", haystack="essay", max_new_tokens=64),
+    "niah_multivalue": partial(build_niah, variant="multivalue", haystack="essay"),
     "niah_single_noise": partial(build_niah, variant="single", haystack="noise"),
     "passkey": build_passkey,
     "vt": build_variable_tracking,
     "cwe": build_common_words,
     "ppl": build_document,
+}
+# New tokens each task may generate (0: scored by likelihood, nothing generated).
+ANSWER_TOKENS: dict[str, int] = {
+    "niah_single": 32, "niah_multikey": 32, "niah_multivalue": 64, "niah_single_noise": 32,
+    "passkey": 16, "vt": 48, "cwe": 80, "ppl": 0,
 }
 # Tasks whose samples sweep the needle depth from 0 to 1 (the rest draw positions from the seed).
 DEPTH_TASKS = frozenset({"niah_single", "niah_multikey", "niah_multivalue", "niah_single_noise", "passkey"})
@@ -40,10 +45,12 @@ def build_task(
     """One sample of task ``name`` with ``total_tokens`` prompt tokens."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; allowed tasks: {', '.join(TASKS)}")
-    return TASKS[name](tokenizer, total_tokens, seed=seed, depth=depth)
+    extra = {"max_new_tokens": ANSWER_TOKENS[name]} if ANSWER_TOKENS[name] else {}
+    return TASKS[name](tokenizer, total_tokens, seed=seed, depth=depth, **extra)
 
 
 __all__ = [
+    "ANSWER_TOKENS",
     "DEPTH_TASKS",
     "HAYSTACKS",
     "NEEDLE_VARIANTS",

@@ -1,0 +1,60 @@
+"""``spotattn eval``: the evaluation runner on the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..tasks import TASKS
+from .runner import EvalArgumentError
+
+METHODS_HELP = (
+    "Method specs NAME[:KEY=VALUE,...], separated by ';' or ','. Budget keys: topp=P, topk=TOKENS, "
+    "dual_topp=P (with sink=, recent=, min_tokens=, max_tokens=); other keys are config fields, e.g. "
+    "block_size=64, sparse_prefill=false. Example: 'dense;oracle:topp=0.9,block_size=64;oracle:topk=1024'."
+)
+
+
+@click.command()
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+              help="HF id or folder, a .gguf file, or smollm2-135m (offline).")
+@click.option("--methods", default="dense;oracle:topp=0.9", show_default=True, help=METHODS_HELP)
+@click.option("--tasks", default="all", show_default=True,
+              help=f"Comma-separated: {', '.join(TASKS)}, or all.")
+@click.option("--lengths", default="2k", show_default=True,
+              help="Comma-separated total lengths (prompt + answer budget), e.g. 2k,4k,8k (k = 1024).")
+@click.option("--samples", type=int, default=3, show_default=True, help="Samples per task and length.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/eval"),
+              show_default=True, help="Folder for results.jsonl (appended; reruns resume) and report/.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True, help="float32, bfloat16, float16 or auto.")
+@click.option("--allow-beyond-window", is_flag=True, help="Allow lengths beyond the model's context window.")
+@click.option("--recall/--no-recall", default=True, show_default=True,
+              help="Measure attention recall (costs an exact attention pass per sparse call).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--time-limit", type=float, default=None,
+              help="Stop starting new samples after this many seconds.")
+@click.option("--report-only", is_flag=True, help="Only rebuild the report from OUT/results.jsonl.")
+def eval_command(model_name, methods, tasks, lengths, samples, out, seed, device, dtype, allow_beyond_window,
+                 recall, progress, time_limit, report_only) -> None:
+    """Long-context tasks under sparse methods against dense: accuracy, fidelity, density, recall."""
+    from .report import write_report
+
+    if report_only:
+        path = write_report(out, out / "report")
+        click.echo(f"report: {path}")
+        return
+    from .runner import evaluate
+
+    try:
+        result = evaluate(
+            model_name, methods=methods, tasks=tasks, lengths=lengths, samples=samples, out=out, seed=seed,
+            device=device, dtype=dtype, allow_beyond_window=allow_beyond_window, recall=recall,
+            progress=progress, time_limit=time_limit,
+        )
+    except EvalArgumentError as exc:
+        raise click.BadParameter(exc.detail, param_hint=exc.param) from exc
+    click.echo(f"{result.computed} items computed, {result.skipped} already in {result.path}")
+    click.echo(f"report: {out / 'report' / 'report.md'}")

@@ -1,0 +1,279 @@
+"""Evaluation report: Markdown tables and PNG plots from the runner's JSONL records.
+
+Accuracy is the mean task score (share of expected answers found in the greedy output) over the
+generation tasks; density is the share of causally available tokens read, prefill and decode together
+unless a column says otherwise; recall is the mean attention recall over layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from statistics import mean
+
+from .runner import read_results
+
+ACCURACY_DROP = 0.05  # a method "loses accuracy" once its mean score is this far below dense (absolute)
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return mean(vals) if vals else None
+
+
+def _pct(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _num(value: float | None, fmt: str = ".3f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _density(record: dict, phase: str = "all") -> float | None:
+    return (record.get("density") or {}).get(phase)
+
+
+def _recall(record: dict) -> float | None:
+    recall = record.get("recall") or {}
+    return recall.get("decode") if recall.get("decode") is not None else recall.get("prefill")
+
+
+class Summary:
+    """Records grouped by (method, length) and task, with the aggregates the report prints."""
+
+    def __init__(self, records: Sequence[dict]) -> None:
+        self.records = list(records)
+        self.methods = list(dict.fromkeys(r["method"] for r in self.records))
+        self.methods.sort(key=lambda m: m != "dense")  # dense first, others in run order
+        self.lengths = sorted({r["length"] for r in self.records})
+        self.tasks = list(dict.fromkeys(r["task"] for r in self.records))
+        generated = {r["task"] for r in self.records if r["kind"] == "generate"}
+        self.gen_tasks = [t for t in self.tasks if t in generated]
+        self.family = {r["method"]: r.get("method_name", r["method"].split(":")[0]) for r in self.records}
+        self.groups: dict[tuple[str, int, str], list[dict]] = defaultdict(list)
+        for r in self.records:
+            self.groups[(r["method"], r["length"], r["task"])].append(r)
+
+    def cell(self, method: str, length: int, task: str) -> list[dict]:
+        return self.groups.get((method, length, task), [])
+
+    def task_score(self, method: str, length: int, task: str) -> float | None:
+        return _mean(r.get("score") for r in self.cell(method, length, task))
+
+    def accuracy(self, method: str, length: int) -> float | None:
+        """Mean over generation tasks of each task's mean score (tasks weigh equally)."""
+        return _mean(self.task_score(method, length, t) for t in self.gen_tasks)
+
+    def _all(self, method: str, length: int) -> list[dict]:
+        return [r for t in self.tasks for r in self.cell(method, length, t)]
+
+    def density(self, method: str, length: int, phase: str = "all") -> float | None:
+        return _mean(_density(r, phase) for r in self._all(method, length))
+
+    def recall(self, method: str, length: int) -> float | None:
+        return _mean(_recall(r) for r in self._all(method, length))
+
+    def ppl(self, method: str, length: int) -> dict[str, float | None]:
+        """Perplexity, its change against dense on the same documents, KL and top-1 (ppl task)."""
+        rows = [r for r in self.cell(method, length, "ppl") if r.get("ppl") is not None]
+        dense = {r["sample"]: r for r in self.cell("dense", length, "ppl") if r.get("ppl") is not None}
+        ratios = [r["ppl"] / dense[r["sample"]]["ppl"] for r in rows if r["sample"] in dense]
+        return {
+            "ppl": _mean(r["ppl"] for r in rows),
+            "change": (_mean(ratios) - 1.0) if ratios else None,
+            "kl": _mean(r.get("kl") for r in rows),
+            "top1": _mean(r.get("top1") for r in rows),
+        }
+
+    def samples(self, length: int) -> int:
+        return max((len(self.cell(m, length, t)) for m in self.methods for t in self.tasks), default=0)
+
+
+def markdown(summary: Summary, title: str = "spotattn evaluation") -> str:
+    s = summary
+    models = sorted({r.get("model", "?") for r in s.records})
+    devices = sorted({f"{r.get('device', '?')} {r.get('dtype', '')}".strip() for r in s.records})
+    lines = [f"# {title}", ""]
+    lines.append(f"Model: {', '.join(models)}. Device: {', '.join(devices)}. "
+                 f"Samples per task and length: {', '.join(str(s.samples(n)) for n in s.lengths)} "
+                 f"(lengths {', '.join(str(n) for n in s.lengths)} tokens, prompt plus answer budget).")
+    lines.append("")
+    lines.append("Scores are percentages of expected answers found in the greedy output; density is the "
+                 "share of causally available tokens read (prefill and decode together); recall is the share "
+                 "of the "
+                 "dense attention mass inside the selected blocks (decode steps, mean over layers).")
+    lines.append("")
+    if "dense" in s.methods and s.gen_tasks:
+        lines += ["## Dense accuracy per task and length", ""]
+        lines.append("| task | " + " | ".join(str(n) for n in s.lengths) + " |")
+        lines.append("|---|" + "---:|" * len(s.lengths))
+        for task in s.gen_tasks:
+            cells = [_pct(s.task_score("dense", n, task)) for n in s.lengths]
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        lines.append("| **mean** | " + " | ".join(_pct(s.accuracy("dense", n)) for n in s.lengths) + " |")
+        lines.append("")
+    for length in s.lengths:
+        lines += [f"## {length} tokens", ""]
+        head = ["method", "density", "prefill", "decode", "recall", *s.gen_tasks, "accuracy"]
+        has_ppl = any(s.cell(m, length, "ppl") for m in s.methods)
+        if has_ppl:
+            head += ["ppl", "Δppl %", "KL", "top-1"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|---|" + "---:|" * (len(head) - 1))
+        for method in s.methods:
+            if not s._all(method, length):
+                continue
+            phases = ("all", "prefill", "decode")
+            row = [f"`{method}`"] + [_pct(s.density(method, length, p), 1) for p in phases]
+            row.append(_num(s.recall(method, length)))
+            row += [_pct(s.task_score(method, length, t)) for t in s.gen_tasks]
+            row.append(f"**{_pct(s.accuracy(method, length))}**")
+            if has_ppl:
+                p = s.ppl(method, length)
+                change = None if p["change"] is None else 100 * p["change"]
+                row += [_num(p["ppl"], ".2f"), _num(change, "+.2f"), _num(p["kl"], ".4f"), _pct(p["top1"], 1)]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["## Where accuracy starts to fall", ""]
+    lines += findings(s) or ["(needs dense and at least one sparse method on generation tasks)"]
+    lines.append("")
+    lines += ["## Plots", "", "![accuracy against density](accuracy_vs_density.png)", "",
+              "![density per layer](density_per_layer.png)", "",
+              "![recall by needle depth](recall_by_depth.png)", ""]
+    return "\n".join(lines)
+
+
+def findings(s: Summary) -> list[str]:
+    """One sentence per sparse method family and length: the lowest density that keeps dense accuracy
+    (within ``ACCURACY_DROP``), and the first density below it that does not."""
+    out = []
+    for family in dict.fromkeys(s.family[m] for m in s.methods if m != "dense"):
+        for length in s.lengths:
+            dense = s.accuracy("dense", length)
+            points = [(s.density(m, length), s.accuracy(m, length), m) for m in s.methods
+                      if m != "dense" and s.family[m] == family]
+            points = sorted((p for p in points if p[0] is not None and p[1] is not None), key=lambda p: -p[0])
+            if dense is None or not points:
+                continue
+            kept = [p for p in points if p[1] >= dense - ACCURACY_DROP]
+            lost = [p for p in points if p[1] < dense - ACCURACY_DROP]
+            text = f"- **{family}, {length} tokens** (dense {_pct(dense)}%): "
+            if kept:
+                d, a, m = min(kept, key=lambda p: p[0])
+                text += f"keeps dense accuracy down to {_pct(d, 1)}% density ({_pct(a)}%, `{m}`)"
+            else:
+                text += "loses accuracy at every budget tried"
+            below = [p for p in lost if not kept or p[0] < min(k[0] for k in kept)]
+            if below:
+                d, a, m = max(below, key=lambda p: p[0])
+                text += f"; at {_pct(d, 1)}% density it falls to {_pct(a)}% (`{m}`)"
+            elif kept:
+                text += "; no budget tried loses accuracy"
+            out.append(text + ".")
+    return out
+
+
+def plot_accuracy_vs_density(s: Summary, path: Path) -> None:
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, len(s.lengths), figsize=(4.2 * len(s.lengths), 3.6), squeeze=False)
+    for ax, length in zip(axes[0], s.lengths, strict=True):
+        dense = s.accuracy("dense", length)
+        if dense is not None:
+            ax.axhline(100 * dense, color="gray", linestyle=":", linewidth=1, label="dense")
+        for family in dict.fromkeys(s.family[m] for m in s.methods if m != "dense"):
+            pts = sorted((s.density(m, length), s.accuracy(m, length)) for m in s.methods
+                         if m != "dense" and s.family[m] == family)
+            pts = [(100 * d, 100 * a) for d, a in pts if d is not None and a is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=family)
+        ax.set_title(f"{length} tokens")
+        ax.set_xlabel("density read (%)")
+        ax.set_xlim(0, 105)
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_density_per_layer(s: Summary, path: Path) -> None:
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    length = s.lengths[-1]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, phase in zip(axes, ("prefill", "decode"), strict=True):
+        for method in s.methods:
+            rows = [(r.get("density_layers") or {}).get(phase) for r in s._all(method, length)]
+            rows = [row for row in rows if row]
+            if not rows:
+                continue
+            per_layer = [_mean(row[i] for row in rows) for i in range(len(rows[0]))]
+            ys = [100 * v if v is not None else float("nan") for v in per_layer]
+            ax.plot(range(len(ys)), ys, marker=".", label=method)
+        ax.set_title(f"{phase}, {length} tokens")
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("density read (%)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_recall_by_depth(s: Summary, path: Path) -> None:
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    width = 4.2 * len(s.lengths)
+    fig, axes = plt.subplots(1, len(s.lengths), figsize=(width, 3.6), squeeze=False, sharey=True)
+    for ax, length in zip(axes[0], s.lengths, strict=True):
+        for method in s.methods:
+            if method == "dense":
+                continue
+            by_depth: dict[float, list[float]] = defaultdict(list)
+            for r in s._all(method, length):
+                if r.get("depth") is not None and r["task"].startswith(("niah", "passkey")):
+                    value = _recall(r)
+                    if value is not None:
+                        by_depth[round(r["depth"], 3)].append(value)
+            if by_depth:
+                xs = sorted(by_depth)
+                ax.plot([100 * x for x in xs], [mean(by_depth[x]) for x in xs], marker="o", label=method)
+        ax.set_title(f"{length} tokens")
+        ax.set_xlabel("needle depth (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("attention recall (decode)")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    if handles:
+        axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    records: Sequence[dict] | str | Path, out_dir: str | Path, title: str = "spotattn evaluation"
+) -> Path:
+    """Write ``report.md`` and three PNG plots into ``out_dir``; ``records`` may be a results.jsonl path
+    or a folder holding one. Returns the Markdown file's path."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    if isinstance(records, (str, Path)):
+        path = Path(records)
+        records = read_results(path / "results.jsonl" if path.is_dir() else path)
+    if not records:
+        raise ValueError("no results to report")
+    summary = Summary(records)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_accuracy_vs_density(summary, out / "accuracy_vs_density.png")
+    plot_density_per_layer(summary, out / "density_per_layer.png")
+    plot_recall_by_depth(summary, out / "recall_by_depth.png")
+    report = out / "report.md"
+    report.write_text(markdown(summary, title), encoding="utf-8")
+    return report
