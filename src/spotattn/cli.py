@@ -162,6 +162,10 @@ from .eval.cli import eval_command  # noqa: E402
 
 main.add_command(eval_command, name="eval")
 
+from .spot.cli import train_command  # noqa: E402
+
+main.add_command(train_command, name="train")
+
 
 if __name__ == "__main__":
     main()

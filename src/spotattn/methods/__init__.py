@@ -1,6 +1,7 @@
 """Sparse-attention methods. Importing this package registers the built-in ones."""
 
 from . import dense, oracle  # noqa: F401  (registration side effects)
+from . import spot as _spot  # noqa: F401  (registers 'spot')
 from . import prism as prism  # noqa: F401  (registration side effects)
 from . import quest as quest  # noqa: F401  (registration side effects)
 from . import twilight as twilight  # noqa: F401  (registration side effects)

@@ -1,0 +1,114 @@
+"""``spotattn train``: distil a SpotAttention selector from a frozen model."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option(
+    "--model",
+    "model_name",
+    default="smollm2-135m",
+    show_default=True,
+    help="HF id or folder, a .gguf file, or smollm2-135m (offline).",
+)
+@click.option(
+    "--data",
+    default="bible",
+    show_default=True,
+    help="bible | essays (second half, disjoint from the needle haystack) | hf:NAME[:CONFIG] | "
+    "a .txt file or folder.",
+)
+@click.option(
+    "--out", required=True, help="Checkpoint stem: writes OUT.safetensors, OUT.json, OUT.train.log."
+)
+@click.option("--seq-len", type=int, default=1024, show_default=True)
+@click.option("--steps", type=int, default=300, show_default=True)
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--warmup", type=int, default=20, show_default=True)
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clip.")
+@click.option(
+    "--heads", "num_heads", type=int, default=None, help="Selector heads H_I (default by model size)."
+)
+@click.option("--head-dim", type=int, default=None, help="Selector dims d_I (default by model size).")
+@click.option(
+    "--per-group/--shared",
+    default=False,
+    show_default=True,
+    help="One distribution per kv-group instead of one shared by all heads.",
+)
+@click.option(
+    "--sparse-kl",
+    "sparse_top",
+    type=int,
+    default=None,
+    help="Sparse KL over the teacher's top N blocks plus a rest bucket (default: dense KL).",
+)
+@click.option("--chunk", type=int, default=256, show_default=True, help="Query chunk of teacher and loss.")
+@click.option("--eval-every", type=int, default=50, show_default=True)
+@click.option("--save-every", type=int, default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-chars", type=int, default=None, help="Use at most this much text.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--time-limit", type=float, default=None, help="Stop (eval + save) after this many seconds.")
+@click.option("--name", default=None, help="Base-model name to record (default: --model).")
+@click.option("--resume", is_flag=True, help="Continue from OUT's saved state.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs still print at each eval).")
+def train_command(
+    model_name,
+    data,
+    out,
+    seq_len,
+    steps,
+    batch_size,
+    lr,
+    warmup,
+    clip,
+    num_heads,
+    head_dim,
+    per_group,
+    sparse_top,
+    chunk,
+    eval_every,
+    save_every,
+    seed,
+    max_chars,
+    device,
+    time_limit,
+    name,
+    resume,
+    no_progress,
+) -> None:
+    """Distil a selector: frozen backbone, KL(attention || selector) over 16-token key blocks."""
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=model_name,
+        data=data,
+        out=out,
+        seq_len=seq_len,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=warmup,
+        clip=clip,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        per_group=per_group,
+        sparse_top=sparse_top,
+        chunk=chunk,
+        eval_every=eval_every,
+        save_every=save_every,
+        seed=seed,
+        max_chars=max_chars,
+        device=device,
+        time_limit=time_limit,
+        name=name,
+    )
+    try:
+        metrics = train(cfg, resume=resume, echo=click.echo, progress=not no_progress)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -1,0 +1,199 @@
+"""Measuring a selector: attention recall and density under a budget, needle accuracy, decode agreement.
+
+``python -m spotattn.spot.evaluate --model M --checkpoint C --tokens 8192`` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from ..integration import density, reset_density, sparsify, unsparsify
+from ..methods import MethodConfig, OracleConfig
+from ..methods.spot import SpotConfig, resolve_checkpoint
+from ..selection import select_blocks
+from ..types import Budget, DualTopP
+from .checkpoint import load_selector
+from .quant import dequantize, quantize
+from .selector import block_log_probs
+from .train import Backbone, Capture
+
+
+@torch.no_grad()
+def attention_recall(
+    model,
+    input_ids: torch.Tensor,
+    checkpoint: str | None,
+    budget: Budget,
+    key_format: str = "bf16",
+    last: int = 64,
+) -> dict[str, float]:
+    """For the last ``last`` queries of ``input_ids``: the share of the layer's head-averaged attention
+    inside the blocks spot selects (recall), the density it reads, and the recall of the exact top blocks
+    at the same block count (the oracle at equal density). Averaged over layers and queries."""
+    selector, _ = load_selector(resolve_checkpoint(checkpoint), model=model, device=input_ids.device)
+    cfg = selector.config
+    bs = cfg.block_size
+    capture = Capture(bs, cfg.num_groups, 256, torch.float32)
+    with Backbone(model, capture, cfg.layer_ids) as backbone:
+        backbone.model.requires_grad_(False)
+        # Only the last queries' teacher is needed: trim the capture after the forward.
+        backbone.run(input_ids)
+    length = input_ids.shape[1]
+    pos = torch.arange(length, device=input_ids.device)
+    qpos = pos[-last:]
+    rows = qpos // bs
+    recalls, oracle, dens = [], [], []
+    for idx in cfg.layer_ids:
+        layer = selector.layer(idx)
+        hidden = capture.hidden[idx]
+        keys = dequantize(quantize(layer.keys(hidden, pos), key_format), key_format)
+        q, w = layer.queries(hidden[:, -last:], qpos)
+        probs = block_log_probs(q, w, keys, qpos, bs).exp()
+        sel = select_blocks(probs, budget, bs, row_first_block=rows, row_last_block=rows)
+        nb = probs.shape[-1]
+        keep = torch.zeros(*sel.block_ids.shape[:3], nb + 1, dtype=torch.bool, device=probs.device)
+        keep.scatter_(-1, sel.block_ids.long().clamp(min=-1) % (nb + 1), True)
+        keep = keep[..., :nb]
+        teacher = capture.teacher[idx][:, :, -last:].float()
+        recalls.append(float(((teacher * keep).sum(-1) / teacher.sum(-1)).mean()))
+        k = keep.sum(-1, keepdim=True)
+        order = teacher.argsort(-1, descending=True)
+        top = torch.zeros_like(keep).scatter(-1, order, torch.arange(nb, device=keep.device) < k)
+        oracle.append(float(((teacher * top).sum(-1) / teacher.sum(-1)).mean()))
+        read = (keep.float() * bs).sum(-1).clamp(max=(qpos + 1).float())
+        dens.append(float((read / (qpos + 1).float()).mean()))
+    return {
+        "recall": sum(recalls) / len(recalls),
+        "oracle_recall_same_density": sum(oracle) / len(oracle),
+        "density": sum(dens) / len(dens),
+        "min_layer_recall": min(recalls),
+    }
+
+
+@torch.no_grad()
+def forced_decode_logits(model, input_ids: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
+    """Logits of each continuation token's step, teacher-forced: ``(T, vocab)``."""
+    out = model(input_ids=input_ids, use_cache=True)
+    cache, logits = out.past_key_values, [out.logits[:, -1]]
+    for t in range(continuation.shape[1] - 1):
+        out = model(input_ids=continuation[:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits[:, -1])
+    return torch.cat(logits).float()
+
+
+def needle_eval(
+    model,
+    tokenizer,
+    configs: dict[str, MethodConfig | None],
+    lengths: list[int],
+    depths: list[float],
+    max_new_tokens: int = 24,
+) -> dict:
+    """Needle accuracy, decode density, and next-token KL / top-1 agreement with dense per method."""
+    from ..tasks import build_needle_prompt
+
+    results: dict[str, dict] = {
+        name: {"correct": 0, "total": 0, "decode_density": [], "kl": [], "top1": []} for name in configs
+    }
+    for length in lengths:
+        for depth in depths:
+            prompt = build_needle_prompt(tokenizer, length, depth)
+            ids = prompt.input_ids.to(model.device)
+            with torch.no_grad():
+                dense_out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                )
+            cont = dense_out[:, ids.shape[1] :]
+            dense_logits = forced_decode_logits(model, ids, cont)
+            for name, config in configs.items():
+                r = results[name]
+                if config is None:
+                    text = tokenizer.decode(cont[0], skip_special_tokens=True)
+                    r["correct"] += prompt.is_correct(text)
+                    r["total"] += 1
+                    continue
+                sparsify(model, config)
+                try:
+                    with torch.no_grad():
+                        out = model.generate(
+                            ids,
+                            attention_mask=torch.ones_like(ids),
+                            max_new_tokens=max_new_tokens,
+                            do_sample=False,
+                            temperature=None,
+                            top_p=None,
+                            top_k=None,
+                        )
+                    r["decode_density"].append(density(model, "decode").mean)
+                    reset_density(model)
+                    logits = forced_decode_logits(model, ids, cont)
+                finally:
+                    unsparsify(model)
+                text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+                r["correct"] += prompt.is_correct(text)
+                r["total"] += 1
+                logp_d, logp_s = dense_logits.log_softmax(-1), logits.log_softmax(-1)
+                r["kl"].append(float((logp_d.exp() * (logp_d - logp_s)).sum(-1).mean()))
+                r["top1"].append(float((dense_logits.argmax(-1) == logits.argmax(-1)).float().mean()))
+    summary = {}
+    for name, r in results.items():
+        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        summary[name] = {
+            "accuracy": r["correct"] / max(1, r["total"]),
+            "n": r["total"],
+            "decode_density": mean(r["decode_density"]),
+            "next_token_kl": mean(r["kl"]),
+            "top1_agreement": mean(r["top1"]),
+        }
+    return summary
+
+
+def main() -> None:
+    from ..models import load_model
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096])
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--p", type=float, default=0.9)
+    parser.add_argument("--formats", nargs="+", default=["bf16", "int4"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip-needle", action="store_true")
+    args = parser.parse_args()
+    model, tok = load_model(args.model, device=args.device)
+    budget = DualTopP(p=args.p)
+    report: dict = {"budget": str(budget), "tokens": args.tokens}
+    start = time.time()
+    from ..tasks import build_needle_prompt
+
+    ids = build_needle_prompt(tok, max(args.tokens), 0.5).input_ids.to(model.device)
+    report["recall"] = {
+        fmt: attention_recall(model, ids, args.checkpoint, budget, fmt) for fmt in args.formats
+    }
+    print(json.dumps(report), flush=True)
+    if not args.skip_needle:
+        configs: dict[str, MethodConfig | None] = {
+            "dense": None,
+            "oracle": OracleConfig(budget=budget, block_size=16, granularity="shared", sparse_prefill=False),
+        }
+        for fmt in args.formats:
+            configs[f"spot-{fmt}"] = SpotConfig(checkpoint=args.checkpoint, budget=budget, key_format=fmt)
+        report["needle"] = needle_eval(model, tok, configs, args.tokens, args.depths)
+    report["seconds"] = round(time.time() - start, 1)
+    print(json.dumps(report, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The distillation target and losses.
+
+Teacher of a layer: its softmax attention averaged over query heads (or over the heads of each kv-group),
+summed onto the selector's key blocks, computed in query chunks so memory stays linear in length.
+Loss: forward KL(teacher || selector) per query; the sparse variant keeps the teacher's top blocks
+exactly and lumps every other block into one "rest" bucket.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..selection import block_sums
+
+
+def teacher_block_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    block_size: int,
+    *,
+    num_groups: int = 1,
+    seq_start: torch.Tensor | None = None,
+    chunk: int = 256,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Head-averaged attention mass per key block, ``(B, G, Lq, NB)``.
+
+    ``query`` ``(B, Hq, Lq, D)`` and ``key`` ``(B, Hkv, Lk, D)`` are post-RoPE; queries are the last Lq
+    positions of the keys. ``num_groups`` 1 averages over all query heads; Hkv averages within each group.
+    """
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    if num_groups not in (1, hkv):
+        raise ValueError(f"num_groups must be 1 or the number of kv heads ({hkv}), got {num_groups}")
+    rep = hq // hkv
+    offset = lk - lq
+    nb = -(-lk // block_size)
+    key_pos = torch.arange(lk, device=query.device)
+    kf = key.float()
+    out = torch.empty(b, num_groups, lq, nb, dtype=out_dtype, device=query.device)
+    for a in range(0, lq, chunk):
+        e = min(lq, a + chunk)
+        qc = query[:, :, a:e].float().view(b, hkv, rep, e - a, d)
+        scores = torch.einsum("bgrqd,bgkd->bgrqk", qc, kf) * scale
+        allowed = key_pos <= (torch.arange(a, e, device=query.device) + offset).unsqueeze(-1)
+        if seq_start is not None:
+            allowed = allowed & (key_pos >= seq_start.view(b, 1, 1, 1, 1))
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+        probs = probs.mean(dim=2)  # over the query heads of each group
+        if num_groups == 1:
+            probs = probs.mean(dim=1, keepdim=True)
+        out[:, :, a:e] = block_sums(probs, block_size).to(out_dtype)
+    return out
+
+
+def forward_kl(teacher: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """Per-query KL(teacher || student) over the last dim; teacher zeros contribute nothing."""
+    t = teacher.float()
+    return (torch.xlogy(t, t) - t * student_logp.masked_fill(t <= 0, 0.0)).sum(-1)
+
+
+def sparse_kl(teacher: torch.Tensor, student_logp: torch.Tensor, top: int) -> torch.Tensor:
+    """Per-query KL over the teacher's ``top`` blocks plus one bucket holding all the other blocks."""
+    nb = teacher.shape[-1]
+    if top >= nb:
+        return forward_kl(teacher, student_logp)
+    t = teacher.float()
+    idx = t.topk(top, dim=-1).indices
+    in_top = torch.zeros_like(t, dtype=torch.bool).scatter(-1, idx, True)
+    t_top = t.gather(-1, idx)
+    s_top = student_logp.gather(-1, idx)
+    t_rest = (1.0 - t_top.sum(-1)).clamp(min=0.0)
+    s_rest = torch.logsumexp(student_logp.masked_fill(in_top, float("-inf")), dim=-1)
+    kl_top = (torch.xlogy(t_top, t_top) - t_top * s_top.masked_fill(t_top <= 0, 0.0)).sum(-1)
+    kl_rest = torch.xlogy(t_rest, t_rest) - t_rest * torch.where(t_rest > 0, s_rest, torch.zeros_like(s_rest))
+    return kl_top + kl_rest
+
+
+def block_recall(teacher: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Share of the teacher's mass inside the kept blocks, per query (``keep`` bool, same shape)."""
+    return (teacher.float() * keep).sum(-1) / teacher.float().sum(-1).clamp(min=1e-30)

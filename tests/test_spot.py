@@ -1,0 +1,309 @@
+"""SpotAttention: selector, teacher and losses, budgets, 4-bit key cache, checkpoints, training, the method."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import spotattn
+from spotattn.methods.spot import SpotConfig
+from spotattn.selection import select_blocks
+from spotattn.spot import Selector, SelectorMismatchError, config_for_model, load_selector, save_selector
+from spotattn.spot.checkpoint import fingerprint
+from spotattn.spot.quant import FORMATS, KeyCache, bytes_per_token, dequantize, quantize, score_blocks_torch
+from spotattn.spot.selector import block_log_probs
+from spotattn.spot.teacher import forward_kl, sparse_kl, teacher_block_probs
+from spotattn.spot.train import Backbone, Capture, layer_loss
+from spotattn.types import DualTopP, TopK
+
+
+def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    model = tiny_llama()
+    selector = Selector(config_for_model(model.config))
+    path = tmp_path / "tiny"
+    save_selector(path, selector, base_model="tiny-llama", model_fingerprint=fingerprint(model))
+    return model, selector, path
+
+
+# ------------------------------------------------------------------------------------------ selector
+
+
+def test_selector_shapes_and_gradients():
+    model = tiny_llama()
+    cfg = config_for_model(model.config, num_heads=3, head_dim=16, num_groups=2)
+    layer = Selector(cfg).layer(1)
+    hidden = torch.randn(2, 40, 64)
+    pos = torch.arange(40)
+    keys = layer.keys(hidden, pos)
+    q, w = layer.queries(hidden, pos)
+    assert keys.shape == (2, 40, 16) and q.shape == (2, 3, 40, 16) and w.shape == (2, 2, 3, 40)
+    logp = block_log_probs(q, w, keys, pos, 16)
+    assert logp.shape == (2, 2, 40, 3)
+    probs = logp.exp()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 40))
+    # Causal: query 5 sees only block 0; query 20 sees blocks 0-1, never block 2.
+    assert torch.allclose(probs[:, :, 5, 0], torch.ones(2, 2))
+    assert (probs[:, :, 20, 2] == 0).all()
+    logp[..., 20:, :].exp().pow(2).sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_block_distribution_is_sum_of_token_distribution():
+    layer = Selector(config_for_model(tiny_llama().config)).layer(0)
+    hidden = torch.randn(1, 48, 64)
+    pos = torch.arange(48)
+    keys = layer.keys(hidden, pos)
+    q, w = layer.queries(hidden, pos)
+    scores = torch.einsum("bghq,bhqk->bgqk", w, torch.relu(q @ keys.unsqueeze(1).transpose(-1, -2)))
+    scores = scores.masked_fill(pos.view(1, 1, -1) > pos.view(1, -1, 1), float("-inf"))
+    token_p = scores.softmax(-1)
+    expected = token_p.unflatten(-1, (3, 16)).sum(-1)
+    torch.testing.assert_close(block_log_probs(q, w, keys, pos, 16).exp(), expected)
+
+
+# ------------------------------------------------------------------------------------ teacher, loss
+
+
+def test_kl_matches_hand_computation():
+    t = torch.tensor([[0.5, 0.25, 0.25, 0.0]])
+    s = torch.tensor([[0.25, 0.25, 0.25, 0.25]])
+    hand = 0.5 * math.log(0.5 / 0.25) + 0.25 * math.log(1.0) + 0.25 * math.log(1.0)
+    assert forward_kl(t, s.log()).item() == pytest.approx(hand, abs=1e-6)
+    # Sparse KL with the top 1 block: buckets {0} and rest, teacher (0.5, 0.5), student (0.25, 0.75).
+    hand_sparse = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert sparse_kl(t, s.log(), 1).item() == pytest.approx(hand_sparse, abs=1e-6)
+    assert sparse_kl(t, s.log(), 4).item() == pytest.approx(hand, abs=1e-6)
+
+
+def test_teacher_in_chunks_equals_at_once():
+    torch.manual_seed(1)
+    q = torch.randn(1, 6, 70, 16)
+    k = torch.randn(1, 2, 100, 16)
+    once = teacher_block_probs(q, k, 0.25, 16, chunk=1000)
+    chunked = teacher_block_probs(q, k, 0.25, 16, chunk=7)
+    torch.testing.assert_close(once, chunked)
+    # Against a plain computation: softmax per head, mean over all heads, summed per block.
+    pos = torch.arange(100)
+    mask = pos.view(1, -1) <= (pos[30:]).view(-1, 1)
+    s = (q.view(1, 2, 3, 70, 16) @ k.unsqueeze(2).transpose(-1, -2)) * 0.25
+    p = s.masked_fill(~mask, float("-inf")).softmax(-1).mean(dim=(1, 2))
+    torch.testing.assert_close(once[:, 0], torch.nn.functional.pad(p, (0, 12)).unflatten(-1, (7, 16)).sum(-1))
+    per_group = teacher_block_probs(q, k, 0.25, 16, num_groups=2, chunk=9)
+    torch.testing.assert_close(per_group.mean(1), once[:, 0])
+
+
+# ------------------------------------------------------------------------------------------- budget
+
+
+def test_dual_top_p_keeps_sink_recent_reaches_mass_floor_and_cap():
+    torch.manual_seed(2)
+    nb, bs = 64, 16
+    mass = torch.rand(1, 1, 1, nb) ** 4
+    last = torch.tensor([nb - 1])
+    budget = DualTopP(p=0.8, sink=32, recent=48, min_tokens=16 * 12)
+    sel = select_blocks(mass, budget, bs, row_first_block=last, row_last_block=last)
+    kept = set(sel.block_ids[0, 0, 0, : sel.counts[0, 0, 0]].tolist())
+    assert {0, 1} <= kept and {61, 62, 63} <= kept
+    residual = [j for j in range(nb) if j not in {0, 1, 61, 62, 63}]
+    m = mass[0, 0, 0]
+    res_mass = m[residual].sum()
+    assert m[[j for j in kept if j in residual]].sum() >= 0.8 * res_mass - 1e-6
+    assert len(kept) >= 12
+    # A tiny p hits the floor exactly; a cap bounds the total.
+    floor = select_blocks(mass, DualTopP(p=0.01, sink=16, recent=16, min_tokens=16 * 20), bs,
+                          row_first_block=last, row_last_block=last)
+    assert int(floor.counts) == 20
+    capped = select_blocks(mass, DualTopP(p=1.0, sink=16, recent=16, min_tokens=16, max_tokens=16 * 10), bs,
+                           row_first_block=last, row_last_block=last)
+    assert int(capped.counts) == 10
+
+
+# ------------------------------------------------------------------------------------ 4-bit cache
+
+
+@pytest.mark.parametrize("fmt", ["int4", "mxfp4", "nvfp4"])
+def test_four_bit_round_trip_error_bounds(fmt):
+    torch.manual_seed(3)
+    keys = torch.randn(2, 50, 64) * torch.rand(2, 50, 1) * 3
+    parts = quantize(keys, fmt)
+    back = dequantize(parts, fmt)
+    g = {"int4": 32, "mxfp4": 32, "nvfp4": 16}[fmt]
+    amax = keys.view(2, 50, -1, g).abs().amax(-1, keepdim=True).expand(-1, -1, -1, g).reshape(2, 50, 64)
+    err = (back - keys).abs()
+    if fmt == "int4":
+        bound = amax / 14 * 1.01 + 1e-6  # half a step of absmax/7 (fp16 scale rounding: 1%)
+    elif fmt == "mxfp4":
+        # Power-of-two scale s in (amax/6, amax/3]: E2M1 rounding is within a quarter of max(|x|, s).
+        scale = torch.exp2(torch.ceil(torch.log2(amax / 6)))
+        bound = 0.25 * torch.maximum(keys.abs(), scale) + 1e-6
+    else:
+        bound = 0.25 * torch.maximum(keys.abs(), amax / 6) + amax * 0.07 + 1e-6  # E4M3 scale: 3 mantissa bits
+    assert (err <= bound).all(), float((err - bound).max())
+    assert float(err.pow(2).mean().sqrt() / keys.pow(2).mean().sqrt()) < 0.15
+    ratio = 64 * 2 / bytes_per_token(parts)
+    assert ratio >= 3.5, ratio
+
+
+def test_key_cache_follows_crop_and_reorder():
+    from spotattn.cache import SparseCache
+
+    cache = SparseCache()
+    k = torch.randn(2, 1, 20, 8)
+    cache.update(k, k, 0)
+    kc = KeyCache(cache.meta(0), "int4")
+    keys = torch.randn(2, 20, 32)
+    kc.append(keys[:, :12])
+    kc.append(keys[:, 12:])
+    assert len(kc) == 20
+    cache.crop(-5)
+    assert len(kc) == 15
+    cache.reorder_cache(torch.tensor([1, 0]))
+    torch.testing.assert_close(dequantize(kc.parts(), "int4")[0], dequantize(quantize(keys[1:2, :15], "int4"),
+                                                                             "int4")[0])
+
+
+def test_triton_scoring_kernel_under_interpreter():
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import os
+        os.environ["TRITON_INTERPRET"] = "1"
+        import torch
+        from spotattn.spot.quant import quantize, score_blocks_torch
+        from spotattn.spot.triton_score import score_blocks_triton
+        torch.manual_seed(0)
+        q = torch.randn(2, 4, 1, 64) * 0.3
+        w = torch.randn(2, 3, 4, 1)
+        keys = torch.randn(2, 100, 64)
+        start = torch.tensor([0, 21])
+        for fmt in ["bf16", "int4", "mxfp4", "nvfp4"]:
+            parts = quantize(keys, fmt)
+            ref = score_blocks_torch(q, w, parts, fmt, torch.tensor([99]), 16, start)
+            out = score_blocks_triton(q, w, parts, fmt, 100, 16, start)
+            fin = torch.isfinite(ref)
+            assert torch.equal(fin, torch.isfinite(out)), fmt
+            assert (ref[fin] - out[fin]).abs().max() < 1e-4, fmt
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantised_scores_rank_blocks_like_bf16(fmt):
+    torch.manual_seed(4)
+    q = torch.randn(1, 4, 1, 64) * 0.3
+    w = torch.rand(1, 1, 4, 1)
+    keys = torch.randn(1, 256, 64)
+    ref = score_blocks_torch(q, w, quantize(keys, "bf16"), "bf16", torch.tensor([255]), 16)
+    got = score_blocks_torch(q, w, quantize(keys, fmt), fmt, torch.tensor([255]), 16)
+    assert torch.corrcoef(torch.stack([ref.flatten(), got.flatten()]))[0, 1] > 0.9
+
+
+# --------------------------------------------------------------------------------------- checkpoint
+
+
+def test_checkpoint_refuses_mismatched_model(tiny_ckpt):
+    model, selector, path = tiny_ckpt
+    loaded, meta = load_selector(path, model=model)
+    for a, b in zip(loaded.state_dict().values(), selector.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b.to(torch.bfloat16).float())
+    other_weights = tiny_llama(seed=1)
+    with pytest.raises(SelectorMismatchError, match="weights differ"):
+        load_selector(path, model=other_weights)
+    other_shape = tiny_llama(layers=3)
+    with pytest.raises(SelectorMismatchError, match="num_hidden_layers"):
+        load_selector(path, model=other_shape)
+    with pytest.raises(SelectorMismatchError, match="tiny-llama"):
+        spotattn.sparsify(other_shape, SpotConfig(checkpoint=str(path)))
+    assert not hasattr(other_shape, "_spotattn")
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def test_a_few_training_steps_lower_the_loss():
+    model = tiny_llama()
+    cfg = config_for_model(model.config, num_heads=2, head_dim=16)
+    selector = Selector(cfg)
+    capture = Capture(16, 1, 32, torch.float32)
+    optim = torch.optim.AdamW(selector.parameters(), lr=1e-2)
+    torch.manual_seed(5)
+    ids = torch.randint(0, 128, (2, 96))
+    losses = []
+    with Backbone(model, capture, cfg.layer_ids) as backbone:
+        backbone.run(ids)
+        for _ in range(25):
+            optim.zero_grad()
+            loss = sum(layer_loss(selector.layer(i), capture.hidden[i], capture.teacher[i], chunk=32)
+                       for i in cfg.layer_ids)
+            loss.backward()
+            optim.step()
+            losses.append(loss.item())
+    assert model.config._attn_implementation != "spotattn_distill"
+    assert losses[-1] < 0.7 * losses[0], losses
+    # The checkpointed (chunked) loss equals the plain one, with the same gradients.
+    h, t = capture.hidden[0], capture.teacher[0]
+    layer = selector.layer(0)
+    a = layer_loss(layer, h, t, chunk=16, use_checkpoint=True)
+    b = layer_loss(layer, h, t, chunk=96, use_checkpoint=False)
+    torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------- method
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "nvfp4"])
+@pytest.mark.parametrize("sparse_prefill", [False, True])
+def test_spot_with_unlimited_budget_equals_dense(tiny_ckpt, fmt, sparse_prefill):
+    model, _, path = tiny_ckpt
+    ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(ids).logits
+        gen_ref = model.generate(ids, max_new_tokens=10, do_sample=False)
+    spotattn.sparsify(model, SpotConfig(checkpoint=str(path), budget=TopK(10**6), key_format=fmt,
+                                        sparse_prefill=sparse_prefill))
+    try:
+        with torch.no_grad():
+            out = model(ids).logits
+            gen = model.generate(ids, max_new_tokens=10, do_sample=False)
+        decode = spotattn.density(model, "decode").mean
+    finally:
+        spotattn.unsparsify(model)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(gen, gen_ref)
+    assert decode == pytest.approx(1.0)
+
+
+def test_spot_budget_reads_less_and_keeps_key_cache_in_step(tiny_ckpt):
+    model, _, path = tiny_ckpt
+    ids = torch.randint(0, 128, (2, 200), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :30] = 0  # left padding
+    spotattn.sparsify(model, SpotConfig(checkpoint=str(path), budget=DualTopP(0.5, sink=16, recent=16,
+                                                                              min_tokens=32), key_format="int4"))
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                 return_dict_in_generate=True)
+        cache = out.past_key_values
+        assert len(KeyCache(cache.meta(0), "int4")) == cache.get_seq_length() == 205
+        assert 0 < spotattn.density(model, "decode").mean < 0.6
+    finally:
+        spotattn.unsparsify(model)
