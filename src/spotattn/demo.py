@@ -13,11 +13,11 @@ from .models import SMOLLM2_ALIAS, load_model
 from .tasks import build_needle_prompt
 from .types import TopP
 
-# Block size 16 keeps the oracle's prefill under 30% density at 4K tokens while it still finds the needle.
-DEFAULT_DEMO_CONFIG = OracleConfig(budget=TopP(0.9), block_size=16)
+# At 4K tokens this budget reads under 30% in prefill and about 11% in decode, and still finds the needle.
+DEFAULT_DEMO_CONFIG = OracleConfig(budget=TopP(0.8), block_size=64)
 
 
-def answer(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 32) -> tuple[str, float]:
+def answer(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 24) -> tuple[str, float]:
     """Greedy answer and the wall time of the whole generate call."""
     start = time.perf_counter()
     with torch.no_grad():
@@ -25,7 +25,7 @@ def answer(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 32) 
                              do_sample=False, temperature=None, top_p=None, top_k=None)
     if input_ids.is_cuda:
         torch.cuda.synchronize()
-    text = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+    text = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip().split("\n\n")[0]
     return text, time.perf_counter() - start
 
 
