@@ -114,6 +114,16 @@ def test_quest_page_bounds_incremental_equal_recomputation_also_after_crop() -> 
     kmin, kmax = update_page_bounds(cache.layers[0].keys, 4, page, meta)
     fresh = update_page_bounds(cache.layers[0].keys, length, page, None)
     assert torch.equal(kmin, fresh[0]) and torch.equal(kmax, fresh[1])
+    # Tokens cached without a call (another method ran that chunk), then a decode step: the partly
+    # seen page must not be reused.
+    unseen = torch.randn(b, hkv, 20, d, generator=g) * 5
+    cache.update(unseen, unseen, 0)
+    step = keys[:, :, :1]
+    cache.update(step, step, 0)
+    length += 21
+    kmin, kmax = update_page_bounds(cache.layers[0].keys, 1, page, meta)
+    fresh = update_page_bounds(cache.layers[0].keys, length, page, None)
+    assert torch.equal(kmin, fresh[0]) and torch.equal(kmax, fresh[1])
 
 
 def test_quest_selection_respects_budget_and_forces_sink_and_last_page() -> None:

@@ -24,6 +24,9 @@ from .base import AttentionCall, Method, MethodConfig, register_method
 
 META_MIN = "quest.min"
 META_MAX = "quest.max"
+# A zero-byte per-token entry (B, L, 0): its length is the number of tokens the bounds cover. Crop
+# shortens it with the keys, so a page is reused only when every one of its tokens was seen.
+META_COVERED = "quest.covered"
 
 
 @dataclass
@@ -62,20 +65,21 @@ def update_page_bounds(
     stored bounds (no cache, another method filled the prefill) everything is recomputed.
     """
     b, h, lk, d = key.shape
-    first = (lk - num_new) // page
-    stored_min = state.get(META_MIN) if state is not None else None
-    stored_max = state.get(META_MAX) if state is not None else None
+    state_or_empty = state if state is not None else {}
+    stored_min, stored_max = state_or_empty.get(META_MIN), state_or_empty.get(META_MAX)
+    covered = state_or_empty.get(META_COVERED)
     usable = (
         stored_min is not None
         and stored_max is not None
+        and covered is not None
         and stored_min.tokens_per_entry == page
         and stored_min.tensor.shape[:2] == (b, h)
         and stored_min.tensor.shape[3] == d
-        and stored_min.tensor.shape[2] >= first
         and stored_max.tensor.shape == stored_min.tensor.shape
     )
-    if not usable:
-        first = 0
+    # Reuse the pages that are complete in the stored bounds and untouched by the new tokens.
+    first = min((lk - num_new) // page, covered.tensor.shape[1] // page) if usable else 0
+    first = min(first, stored_min.tensor.shape[2]) if usable else 0
     tail = key[:, :, first * page :]
     pad = (-tail.shape[2]) % page
     # Padding with +inf / -inf leaves a partly filled page's min / max those of its real keys.
@@ -87,6 +91,8 @@ def update_page_bounds(
     if state is not None:
         state[META_MIN] = MetaEntry(new_min, tokens_per_entry=page, axis=2)
         state[META_MAX] = MetaEntry(new_max, tokens_per_entry=page, axis=2)
+        marker = key.new_empty(b, lk, 0, dtype=torch.uint8)
+        state[META_COVERED] = MetaEntry(marker, tokens_per_entry=1, axis=1)
     return new_min, new_max
 
 
