@@ -51,3 +51,12 @@ def test_new_method_is_one_class_and_one_decorator():
             spotattn.register_method("test-everything")(Everything)
     finally:
         _REGISTRY.pop("test-everything")
+
+
+def test_compose_config_round_trip_and_validation():
+    from spotattn import ComposeConfig
+
+    config = ComposeConfig(prefill=OracleConfig(block_size=128), decode=OracleConfig(budget=TopK(512)))
+    assert MethodConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="ComposeConfig.decode must be a"):
+        ComposeConfig(decode="quest")

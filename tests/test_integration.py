@@ -160,3 +160,23 @@ def test_cache_metadata_follows_crop_and_reorder():
     assert meta["per_block"].tensor.shape[0] == 4 and cache.layers[0].keys.shape[0] == 4
     cache.reorder_cache(torch.tensor([3, 2, 1, 0]))
     assert meta["per_token"].tensor[:, 0, 0, 0].tolist() == [0.0, 0.0, 80.0, 80.0]
+
+
+def test_compose_runs_each_phase_with_its_own_method():
+    from spotattn import ComposeConfig, DenseConfig
+
+    model = tiny_model("llama", seed=0)
+    ids, mask = left_padded_batch(length=160, pad=(0, 21), seed=2)
+    config = ComposeConfig(prefill=OracleConfig(budget=TopP(0.5), block_size=16), decode=DenseConfig())
+    with torch.no_grad():
+        spotattn.sparsify(model, config)
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert spotattn.density(model, "prefill").mean < 0.95
+    assert abs(spotattn.density(model, "decode").mean - 1.0) < 1e-9
+    spotattn.unsparsify(model)
+    unlimited = ComposeConfig(prefill=UNLIMITED, decode=UNLIMITED)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        spotattn.sparsify(model, unlimited)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)

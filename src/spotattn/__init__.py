@@ -3,6 +3,7 @@
 from .cache import SparseCache
 from .integration import DensityReport, density, reset_density, sparsified_config, sparsify, unsparsify
 from .methods import (
+    ComposeConfig,
     DenseConfig,
     Method,
     MethodConfig,
@@ -16,6 +17,7 @@ from .types import DualTopP, Selection, TopK, TopP
 __version__ = "0.1.0"
 
 __all__ = [
+    "ComposeConfig",
     "DenseConfig",
     "DensityReport",
     "DualTopP",

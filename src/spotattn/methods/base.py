@@ -39,7 +39,11 @@ class MethodConfig:
         out: dict[str, Any] = {"method": self.method}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            out[field.name] = budget_to_dict(value) if isinstance(value, tuple(BUDGET_TYPES.values())) else value
+            if isinstance(value, tuple(BUDGET_TYPES.values())):
+                value = budget_to_dict(value)
+            elif isinstance(value, MethodConfig):  # nested configs (composition)
+                value = value.to_dict()
+            out[field.name] = value
         return out
 
     def to_json(self) -> str:
@@ -54,12 +58,20 @@ class MethodConfig:
         unknown = sorted(set(data) - fields)
         if unknown:
             raise ValueError(f"unknown option(s) {unknown} for method {name!r}; allowed: {sorted(fields)}")
-        kwargs = {k: budget_from_dict(v) if isinstance(v, dict) and "rule" in v else v for k, v in data.items()}
-        return cls(**kwargs)
+        return cls(**{key: _decode_value(value) for key, value in data.items()})
 
     @staticmethod
     def from_json(text: str) -> MethodConfig:
         return MethodConfig.from_dict(json.loads(text))
+
+
+def _decode_value(value: Any) -> Any:
+    """Budgets and nested method configs come back from their dict form; other values as they are."""
+    if isinstance(value, dict) and "rule" in value:
+        return budget_from_dict(value)
+    if isinstance(value, dict) and "method" in value:
+        return MethodConfig.from_dict(value)
+    return value
 
 
 @dataclass
