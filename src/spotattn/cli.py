@@ -9,7 +9,10 @@ from pathlib import Path
 import click
 import torch
 
+from .bench.kernels import kernels_command
+from .eval.cli import eval_command
 from .methods import available_methods, make_config
+from .spot.cli import train_command
 from .types import BUDGET_TYPES, DualTopP, TopK, TopP
 
 
@@ -151,19 +154,8 @@ def bench() -> None:
     """Speed benchmarks against dense attention, measured in one run."""
 
 
-try:
-    from .bench.kernels import kernels_command
-
-    bench.add_command(kernels_command, name="kernels")
-except ImportError:  # the kernel benchmark needs its optional modules
-    pass
-
-from .eval.cli import eval_command  # noqa: E402
-
+bench.add_command(kernels_command, name="kernels")
 main.add_command(eval_command, name="eval")
-
-from .spot.cli import train_command  # noqa: E402
-
 main.add_command(train_command, name="train")
 
 

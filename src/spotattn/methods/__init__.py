@@ -1,10 +1,7 @@
 """Sparse-attention methods. Importing this package registers the built-in ones."""
 
-from . import dense, oracle  # noqa: F401  (registration side effects)
-from . import spot as _spot  # noqa: F401  (registers 'spot')
-from . import prism as prism  # noqa: F401  (registration side effects)
-from . import quest as quest  # noqa: F401  (registration side effects)
-from . import twilight as twilight  # noqa: F401  (registration side effects)
+# Importing a method module registers it.
+from . import compose, dense, oracle, prism, quest, spot, twilight  # noqa: F401
 from .base import (
     AttentionCall,
     Method,
@@ -14,11 +11,13 @@ from .base import (
     method_class,
     register_method,
 )
+from .compose import ComposeConfig
 from .dense import DenseConfig
 from .oracle import OracleConfig
 
 __all__ = [
     "AttentionCall",
+    "ComposeConfig",
     "DenseConfig",
     "Method",
     "MethodConfig",
