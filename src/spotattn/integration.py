@@ -136,6 +136,10 @@ def run_layer(state: LayerState, q, k, v, scale: float, seq_start: torch.Tensor 
     lq, lk = q.shape[2], k.shape[2]
     decode = lq <= MAX_DECODE_QUERIES and lk > lq
     phase = "decode" if decode else "prefill"
+    static_attention = getattr(state.cache, "decode_attention", None)
+    if decode and static_attention is not None:
+        # A static cache (spotattn.runtime): k/v are whole buffers and lengths live on the device.
+        return static_attention(state, q, k, v, scale, seq_start)
     call = AttentionCall(
         q, k, v, scale, state.layer_idx, seq_start, hidden_states=state.hidden_states, cache_state=state.cache_meta()
     )
@@ -339,8 +343,10 @@ def density(model: torch.nn.Module, phase: str = "all") -> DensityReport:
     phases = PHASES if phase == "all" else (phase,)
     rows, total_read, total_avail = [], 0.0, 0.0
     for state in _record(model).layers:
-        read = sum((state.read[p] for p in phases if p in state.read), torch.zeros(state.num_kv_heads))
-        avail = sum((state.available[p] for p in phases if p in state.available), torch.zeros(state.num_kv_heads))
+        # Counters live on the model's device; sum them on the host, where the report is read.
+        read = sum((state.read[p].cpu() for p in phases if p in state.read), torch.zeros(state.num_kv_heads))
+        avail = sum((state.available[p].cpu() for p in phases if p in state.available),
+                    torch.zeros(state.num_kv_heads))
         read, avail = read.double().cpu(), avail.double().cpu()
         rows.append(torch.where(avail > 0, read / avail.clamp(min=1e-30), float("nan")))
         total_read += float(read.sum())

@@ -178,7 +178,8 @@ def density_of(
         q_lo = (rows * bs).clamp(min=offset)
         q_hi = ((rows + 1) * bs).clamp(max=num_keys)
     weight = (q_hi - q_lo).clamp(min=0).float()
-    start = seq_start.view(b, 1, 1, 1).float() if seq_start is not None else 0.0
+    # A 0-dim tensor on the selection's device (not a float) so that the views below stay on it.
+    start = seq_start.view(b, 1, 1, 1).float() if seq_start is not None else torch.zeros((), device=device)
     ids = selection.block_ids.long()
     live = torch.arange(k, device=device) < selection.counts.unsqueeze(-1)
     lo = torch.maximum(ids.float() * bs, torch.as_tensor(start))
