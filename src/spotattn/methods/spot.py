@@ -172,7 +172,7 @@ class Spot(Method):
             # One row shared by the (1..8) new queries: a block counts as much as its best query wants it.
             mass = torch.softmax(_finite_rows(logits), dim=-1).amax(dim=2, keepdim=True)
             first, last = rows_for_decode(call.num_queries, call.num_keys, bs, call.query.device)
-            return select_blocks(
+            return _select(call.query.is_cuda)(
                 mass,
                 self.config.budget,
                 bs,
@@ -180,6 +180,17 @@ class Spot(Method):
                 row_last_block=last,
                 seq_start=call.seq_start,
             )
+
+
+def _select(cuda: bool):
+    """The sync-free device selection on CUDA (static width, CUDA-graph safe), else the reference."""
+    if cuda:
+        try:
+            from ..kernels.triton_ops import select_blocks_device  # noqa: PLC0415 (needs triton)
+        except ImportError:
+            return select_blocks
+        return select_blocks_device
+    return select_blocks
 
 
 def _finite_rows(logits: torch.Tensor) -> torch.Tensor:
