@@ -1,0 +1,167 @@
+"""The sync-free decode path of a sparsified layer on a :class:`StaticSparseCache`.
+
+The ordinary path (:func:`spotattn.integration.run_layer`) sizes everything from ``k.shape[2]`` and lets
+methods keep metadata in growing tensors; on a static buffer both are wrong (the buffer is longer than
+the sequence) and growth cannot be replayed by a CUDA graph. Here every length comes from the layer's
+device counter, metadata is written in place, and attention runs through the paged decode kernel with
+``seq_lens`` so that causality sits on the current position, never on the buffer's end.
+
+A method runs here only if it has a *static decoder* (``register_static_decoder``): a function that
+returns a :class:`Selection` (or None for dense) without host synchronisation. ``dense`` and ``spot`` have
+one; other methods raise a clear error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels
+from ..types import Selection
+from .select import select_decode_static
+from .static_cache import StaticSparseCache
+
+DENSE_BLOCK_SIZE = 64  # block list granularity of the dense path (64-token tiles, as in the dense kernel rows)
+
+
+@dataclass
+class DecodeContext:
+    """What a static decoder sees for one layer's decode call."""
+
+    cache: StaticSparseCache
+    state: object  # spotattn.integration.LayerState
+    query: torch.Tensor  # (B, Hq, T, D)
+    seq_len: torch.Tensor  # 0-dim device tensor: keys that exist, the T new ones included
+    positions: torch.Tensor  # (T,) absolute positions of the new tokens
+    seq_start: torch.Tensor | None
+
+    @property
+    def layer_idx(self) -> int:
+        return self.state.layer_idx
+
+
+StaticDecoder = Callable[[DecodeContext], Selection | None]
+_DECODERS: dict[str, StaticDecoder] = {}
+
+
+def register_static_decoder(name: str) -> Callable[[StaticDecoder], StaticDecoder]:
+    def wrap(fn: StaticDecoder) -> StaticDecoder:
+        _DECODERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def static_decode(
+    cache: StaticSparseCache, state, q: torch.Tensor, scale: float, seq_start: torch.Tensor | None
+) -> torch.Tensor:
+    """One layer's attention for a decode call on ``cache`` (the new K/V are already written)."""
+    name = state.method.config.method
+    decoder = _DECODERS.get(name)
+    if decoder is None:
+        raise NotImplementedError(
+            f"method {name!r} has no static (CUDA-graph) decode path yet; static decoders exist for "
+            f"{sorted(_DECODERS)}. Decode with a spotattn.SparseCache instead"
+        )
+    b, _, t, _ = q.shape
+    seq_len = cache.length(state.layer_idx)
+    positions = seq_len - t + torch.arange(t, device=q.device)
+    ctx = DecodeContext(cache, state, q, seq_len, positions, seq_start)
+    with torch.no_grad():
+        selection = decoder(ctx)
+    state.last_selection = selection
+    if selection is None:
+        bs = DENSE_BLOCK_SIZE
+        ids = cache.all_blocks(bs).view(1, 1, -1).expand(b, 1, -1)
+        counts = ((seq_len + bs - 1) // bs).to(torch.int32).view(1, 1).expand(b, 1)
+    else:
+        bs = selection.block_size
+        ids, counts = selection.block_ids[:, :, 0], selection.counts[:, :, 0]
+    out = _attend(cache, state.layer_idx, q, ids, counts, bs, scale, seq_start, seq_len)
+    if cache.track_density:
+        _record(state, counts, bs, seq_len, seq_start, b)
+    return out
+
+
+def _attend(cache, layer_idx, q, ids, counts, block_size, scale, seq_start, seq_len) -> torch.Tensor:
+    if q.is_cuda:
+        from ..kernels.triton_ops import sparse_decode_paged  # noqa: PLC0415 (needs triton)
+
+        k_pages, v_pages, table = cache.paged(layer_idx, block_size)
+        seq_lens = seq_len.view(1).expand(q.shape[0])
+        out, _ = sparse_decode_paged(
+            q, k_pages, v_pages, table, seq_lens, ids, counts, block_size, scale=scale, seq_start=seq_start
+        )
+        return out
+    # CPU: the reference kernel on the live prefix (a host read of the length is free here).
+    n = int(seq_len)
+    layer = cache.layers[layer_idx]
+    k, v = layer.keys[:, :, :n], layer.values[:, :, :n]
+    out, _ = kernels.sparse_decode(q, k, v, ids, counts, block_size, scale=scale, seq_start=seq_start)
+    return out
+
+
+def _record(state, counts, block_size, seq_len, seq_start, batch) -> None:
+    """Decode density counters, accumulated in place so that graph replays keep adding to them."""
+    start = seq_start.double().view(-1, 1) if seq_start is not None else torch.zeros(batch, 1, device=counts.device)
+    available = (seq_len.double() - start).clamp(min=0)  # (B, 1)
+    read = torch.minimum(counts.double() * block_size, available)  # block granularity, capped by what exists
+    for store, value in ((state.read, read), (state.available, available)):
+        value = value.sum(0).expand(state.num_kv_heads)
+        current = store.get("decode")
+        if current is None or not current.is_contiguous():  # the ordinary path stores expanded views
+            store["decode"] = value.clone() if current is None else current + value
+        else:
+            store["decode"].add_(value)
+
+
+# ------------------------------------------------------------------------------------ static decoders
+
+
+@register_static_decoder("dense")
+def _dense(ctx: DecodeContext) -> Selection | None:
+    return None
+
+
+@register_static_decoder("spot")
+def _spot(ctx: DecodeContext) -> Selection | None:
+    """SpotAttention: write the new selector keys in place, score the whole buffer, select by budget.
+
+    Scoring reads the selector keys of the whole buffer (future entries are zeros or stale, always
+    finite); selection allows only blocks up to ``seq_len`` and renormalises over them, so the result
+    is the one the ordinary path gets from the live prefix. Cost: scoring scales with the capacity.
+    """
+    from ..methods.spot import _finite_rows  # noqa: PLC0415 (methods import the integration)
+    from ..spot.quant import KeyCache, quantize, score_blocks_torch
+
+    method = ctx.state.method
+    if not method.serves:
+        return None
+    hidden = ctx.state.hidden_states
+    if hidden is None:
+        raise RuntimeError("spot needs the layer's hidden states; use spotattn.sparsify")
+    cfg = method.config
+    q = ctx.query
+    layer = method._layer(q.device)
+    meta = ctx.cache.meta(ctx.layer_idx)
+    parts = quantize(layer.keys(hidden, ctx.positions), cfg.key_format)
+    buffers = {}
+    for name, part in parts.items():
+        full = f"{KeyCache.PREFIX}.{name}"
+        entry = meta.get(full)
+        if entry is None:  # a cache that was not prefilled by spot (benchmarks): zeros, written as we go
+            entry = ctx.cache.allocate_meta(ctx.layer_idx, full, part, tokens_per_entry=1, axis=1)
+        entry.tensor.index_copy_(1, ctx.positions, part)
+        buffers[name] = entry.tensor
+    qs, w = layer.queries(hidden, ctx.positions)
+    bs = cfg.block_size
+    if q.is_cuda and q.shape[2] == 1:
+        from ..spot.triton_score import score_blocks_triton  # noqa: PLC0415 (needs triton)
+
+        logits = score_blocks_triton(qs, w, buffers, cfg.key_format, ctx.cache.capacity, bs, ctx.seq_start)
+    else:
+        logits = score_blocks_torch(qs, w, buffers, cfg.key_format, ctx.positions, bs, ctx.seq_start)
+    mass = torch.softmax(_finite_rows(logits), dim=-1).amax(dim=2, keepdim=True)
+    return select_decode_static(mass, cfg.budget, bs, ctx.seq_len, q.shape[2], ctx.seq_start)
