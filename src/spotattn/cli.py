@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import torch
 
+from .bench.decode import decode_command
 from .bench.kernels import kernels_command
 from .eval.cli import eval_command
 from .methods import available_methods, make_config
@@ -155,6 +156,7 @@ def bench() -> None:
 
 
 bench.add_command(kernels_command, name="kernels")
+bench.add_command(decode_command, name="decode")
 main.add_command(eval_command, name="eval")
 main.add_command(train_command, name="train")
 

@@ -1,0 +1,405 @@
+"""Whole-model decode step: plain Hugging Face against spotattn's static cache in a CUDA graph, dense and sparse.
+
+``spotattn bench decode --out bench_out/decode`` (CUDA only). A random-weight model of a real shape
+(default Qwen3-8B), caches filled with random K/V (and random selector keys) of each context length, then
+per (batch, context), all in one process on the same model:
+
+- ``hf``: plain Hugging Face, eager, ``DynamicCache``, SDPA (what users run today; the cache is cropped
+  back after every step so that every step sees the same length);
+- ``dense``: spotattn's own dense decode: ``StaticSparseCache``, the ``dense`` method, the paged Triton
+  decode kernel over every block up to the current length, the whole step replayed from a CUDA graph;
+- ``spot``: the ``spot`` method (random selector, ``--budget``, ``--key-format`` selector keys) in the
+  same static cache and graph;
+- one layer's step (layer 0's shapes) timed alone from CUDA graphs: dense SDPA decode on exact-length
+  K/V, our dense kernel, spot's selection (selector projections, key write, fused scoring, selection),
+  sparse attention, and selection + attention.
+
+Every figure is a median of CUDA-event timings. Floors are bytes that must be read over ``--bandwidth``
+(measured device-to-device copy rate): weights plus the K/V read (dense: all of it; spot: the selected
+blocks plus every cached selector key). Output: ``decode.json`` and ``decode.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import torch
+
+TB = 1e12
+
+
+def _median_ms(fn: Callable[[], object], iters: int, before: Callable[[], object] | None = None) -> float:
+    times = []
+    for _ in range(iters):
+        if before is not None:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """Warm ``fn`` up on a side stream, then capture it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def _random_selector(model, directory: Path) -> Path:
+    from ..spot import Selector, config_for_model, save_selector
+    from ..spot.checkpoint import fingerprint
+
+    selector = Selector(config_for_model(model.config))  # random projections: speed only, never accuracy
+    path = directory / "selector"
+    save_selector(path, selector, base_model="random", model_fingerprint=fingerprint(model))
+    return path
+
+
+def _hf_step(model, batch: int, ctx: int, iters: int, dtype: torch.dtype) -> float:
+    from transformers import DynamicCache
+
+    text = model.config.get_text_config(decoder=True)
+    dev = model.device
+    cache = DynamicCache()
+    shape = (batch, text.num_key_value_heads, ctx, text.head_dim)
+    for i in range(text.num_hidden_layers):
+        cache.update(torch.randn(shape, device=dev, dtype=dtype), torch.randn(shape, device=dev, dtype=dtype), i)
+    token = torch.randint(0, text.vocab_size, (batch, 1), device=dev)
+
+    def step() -> None:
+        model(token, past_key_values=cache, use_cache=True)
+
+    with torch.no_grad():
+        for _ in range(2):
+            step()
+            cache.crop(ctx)
+        return _median_ms(step, iters, before=lambda: cache.crop(ctx))
+
+
+def _fill_static(cache, ctx: int) -> None:
+    for layer in cache.layers:
+        layer.keys[:, :, :ctx].normal_()
+        layer.values[:, :, :ctx].normal_()
+    cache.set_length(ctx)
+
+
+def _fill_selector_keys(cache, ctx: int, key_format: str, dim: int) -> None:
+    from ..spot.quant import KeyCache, quantize
+
+    for i, layer in enumerate(cache.layers):
+        b = layer.keys.shape[0]
+        parts = quantize(torch.randn(b, cache.capacity, dim, device=layer.keys.device), key_format)
+        for name, part in parts.items():
+            part[:, ctx:].zero_()
+            layer.meta.pop(f"{KeyCache.PREFIX}.{name}", None)
+            entry = cache.allocate_meta(i, f"{KeyCache.PREFIX}.{name}", part, tokens_per_entry=1, axis=1)
+            entry.tensor.copy_(part)
+
+
+def _whole_model(decoder, cache, ctx: int, iters: int) -> tuple[float, float]:
+    """(median ms of a graph replay, max |graph - eager| logits at the same position)."""
+    text = decoder.model.config.get_text_config(decoder=True)
+    batch = cache.layers[0].keys.shape[0]
+    token = torch.randint(0, text.vocab_size, (batch,), device=cache.layers[0].keys.device)
+    cache.set_length(ctx)
+    eager = decoder.step_eager(token).float().clone()
+    cache.set_length(ctx)
+    decoder.capture()
+    cache.set_length(ctx)
+    replay = decoder.step(token).float().clone()
+    err = float((replay - eager).abs().max())
+    cache.set_length(ctx)
+    ms = _median_ms(lambda: decoder.step(token), iters, before=lambda: cache.set_length(ctx))
+    return ms, err
+
+
+def _layer_figures(model, cache, ctx: int, batch: int, iters: int, spot: bool) -> dict:
+    """One layer's decode step (layer 0), each part captured in a CUDA graph."""
+    import torch.nn.functional as F
+
+    from ..runtime.decode_path import DENSE_BLOCK_SIZE, _attend
+
+    text = model.config.get_text_config(decoder=True)
+    dev, dtype = model.device, model.dtype
+    hq, hkv, d = text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    q = torch.randn(batch, hq, 1, d, device=dev, dtype=dtype)
+    scale = d**-0.5
+    out: dict = {}
+    seq_len = torch.tensor(ctx + 1, device=dev)
+    if spot:
+        return _spot_layer(model, cache, q, seq_len, scale, iters)
+    k = torch.randn(batch, hkv, ctx + 1, d, device=dev, dtype=dtype)
+    v = torch.randn_like(k)
+    out["layer_dense_sdpa_ms"] = _median_ms(
+        _graph(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)).replay, iters
+    )
+    bs = DENSE_BLOCK_SIZE
+    ids = cache.all_blocks(bs).view(1, 1, -1).expand(batch, 1, -1)
+    counts = torch.full((batch, 1), math.ceil((ctx + 1) / bs), device=dev, dtype=torch.int32)
+    out["layer_dense_ours_ms"] = _median_ms(
+        _graph(lambda: _attend(cache, 0, q, ids, counts, bs, scale, None, seq_len)).replay, iters
+    )
+    return out
+
+
+def _spot_layer(model, cache, q: torch.Tensor, seq_len: torch.Tensor, scale: float, iters: int) -> dict:
+    from ..integration import layer_states
+    from ..runtime.decode_path import DecodeContext, _attend, _spot
+
+    text = model.config.get_text_config(decoder=True)
+    batch = q.shape[0]
+    out: dict = {}
+    state = layer_states(model)[0]
+    state.hidden_states = torch.randn(batch, 1, text.hidden_size, device=q.device, dtype=q.dtype)
+    ctx_obj = DecodeContext(cache, state, q, seq_len, seq_len.view(1) - 1, None)
+    held: dict = {}
+
+    def select() -> None:
+        held["sel"] = _spot(ctx_obj)
+
+    def attend() -> None:
+        sel = held["sel"]
+        _attend(cache, 0, q, sel.block_ids[:, :, 0], sel.counts[:, :, 0], sel.block_size, scale, None, seq_len)
+
+    def both() -> None:
+        select()
+        attend()
+
+    out["layer_spot_select_ms"] = _median_ms(_graph(select).replay, iters)
+    out["layer_spot_attn_ms"] = _median_ms(_graph(attend).replay, iters)
+    out["layer_spot_step_ms"] = _median_ms(_graph(both).replay, iters)
+    out["layer_spot_tokens_read"] = float(held["sel"].counts.float().mean()) * held["sel"].block_size
+    state.hidden_states = None
+    return out
+
+
+def run(
+    shape: str,
+    contexts: list[int],
+    batches: list[int],
+    budget_text: str,
+    key_format: str,
+    iters: int,
+    bandwidth: float,
+    skip_hf: bool,
+    log: Callable[[str], None] = print,
+    on_row: Callable[[dict], None] | None = None,
+) -> dict:
+    from .. import sparsify, unsparsify
+    from ..cli import parse_budget
+    from ..methods.spot import SpotConfig
+    from ..models import random_model
+    from ..runtime import GraphDecoder, StaticSparseCache
+    from ..spot.quant import bytes_per_token, quantize
+
+    if not torch.cuda.is_available():
+        raise click.ClickException("the decode benchmark needs a CUDA device")
+    budget = parse_budget(budget_text)
+    dev = torch.device("cuda")
+    started = time.time()
+    model = random_model(shape, device=dev, dtype=torch.bfloat16).eval()
+    text = model.config.get_text_config(decoder=True)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    layers, hkv, d = text.num_hidden_layers, text.num_key_value_heads, text.head_dim
+    log(f"model {shape}: {weight_bytes / 1e9:.1f} GB of weights, built in {time.time() - started:.0f} s")
+    tmp = Path(tempfile.mkdtemp(prefix="spotattn-bench-"))
+    selector_path = _random_selector(model, tmp)
+    spot_config = SpotConfig(checkpoint=str(selector_path), budget=budget, key_format=key_format)
+    from ..spot.checkpoint import read_meta
+
+    sel_dim = read_meta(selector_path)["selector"]["head_dim"]
+    sel_bytes = bytes_per_token(quantize(torch.randn(1, 64, sel_dim), key_format))
+    report: dict = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "shape": shape,
+        "weights_bytes": weight_bytes,
+        "budget": budget_text,
+        "key_format": key_format,
+        "selector_bytes_per_token": sel_bytes,
+        "bandwidth_tb_s": bandwidth,
+        "rows": [],
+    }
+    for batch in batches:
+        for ctx in contexts:
+            kv_bytes = layers * 2 * batch * hkv * ctx * d * 2
+            free, _ = torch.cuda.mem_get_info()
+            row: dict = {"batch": batch, "context": ctx, "kv_bytes": kv_bytes}
+            report["rows"].append(row)
+            if kv_bytes * 1.1 + 3e9 > free:
+                row["skipped"] = f"K/V {kv_bytes / 1e9:.1f} GB does not fit ({free / 1e9:.1f} GB free)"
+                log(f"B={batch} ctx={ctx}: {row['skipped']}")
+                continue
+            budget_tokens = _budget_tokens(budget, ctx)
+            row["floor_dense_ms"] = (weight_bytes + kv_bytes) / (bandwidth * TB) * 1e3
+            sparse_bytes = layers * batch * (2 * hkv * budget_tokens * d * 2 + ctx * sel_bytes)
+            row["floor_spot_ms"] = (weight_bytes + sparse_bytes) / (bandwidth * TB) * 1e3
+            if not skip_hf:
+                try:
+                    model.set_attn_implementation("sdpa")
+                    row["hf_ms"] = _hf_step(model, batch, ctx, max(3, iters // 4), model.dtype)
+                except Exception as exc:  # noqa: BLE001 (one failed variant must not hide the others)
+                    row["hf_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                torch.cuda.empty_cache()
+            cache = StaticSparseCache(
+                model.config, batch_size=batch, capacity=ctx + 128, device=dev, dtype=model.dtype, track_density=False
+            )
+            _fill_static(cache, ctx)
+            for name, config in (("dense", "dense"), ("spot", spot_config)):
+                try:
+                    sparsify(model, config)
+                    if name == "spot":
+                        _fill_selector_keys(cache, ctx, key_format, sel_dim)
+                    decoder = GraphDecoder(model, cache)
+                    row[f"{name}_ms"], row[f"{name}_graph_vs_eager_max_abs"] = _whole_model(decoder, cache, ctx, iters)
+                    row.update(_layer_figures(model, cache, ctx, batch, iters, spot=name == "spot"))
+                    del decoder
+                except Exception as exc:  # noqa: BLE001
+                    row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                finally:
+                    unsparsify(model)
+                torch.cuda.empty_cache()
+            del cache
+            torch.cuda.empty_cache()
+            _ratios(row)
+            log(json.dumps(row))
+            if on_row is not None:
+                on_row(report)
+    report["seconds"] = time.time() - started
+    return report
+
+
+def _budget_tokens(budget, ctx: int) -> int:
+    from ..types import DualTopP, TopK
+
+    if isinstance(budget, TopK):
+        return min(ctx, budget.tokens)
+    if isinstance(budget, DualTopP) and budget.max_tokens is not None:
+        return min(ctx, budget.max_tokens)
+    return ctx
+
+
+def _ratios(row: dict) -> None:
+    def ratio(a: str, b: str, name: str) -> None:
+        if a in row and b in row:
+            row[name] = row[a] / row[b]
+
+    ratio("hf_ms", "dense_ms", "dense_speedup_vs_hf")
+    ratio("hf_ms", "spot_ms", "spot_speedup_vs_hf")
+    ratio("dense_ms", "spot_ms", "spot_speedup_vs_dense")
+    ratio("dense_ms", "floor_dense_ms", "dense_over_floor")
+    ratio("spot_ms", "floor_spot_ms", "spot_over_floor")
+    ratio("layer_dense_sdpa_ms", "layer_spot_step_ms", "layer_spot_speedup_vs_sdpa")
+    ratio("layer_dense_ours_ms", "layer_spot_step_ms", "layer_spot_speedup_vs_ours_dense")
+
+
+def _cell(row: dict, key: str, fmt: str = "{:.2f}") -> str:
+    value = row.get(key)
+    return "-" if value is None else fmt.format(value)
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"## Whole-model decode step ({report['device']}, torch {report['torch']}, {report['shape']}, bf16)",
+        "",
+        f"Sparse: `spot`, budget `{report['budget']}`, {report['key_format']} selector keys "
+        f"({report['selector_bytes_per_token']:.0f} B/token). Floors at {report['bandwidth_tb_s']} TB/s. "
+        "Times are ms per step (medians).",
+        "",
+        "| B | context | plain HF | ours dense (graph) | spot (graph) | floor dense | floor spot | "
+        "spot vs HF | spot vs ours dense | dense vs HF |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        if "skipped" in row:
+            lines.append(f"| {row['batch']} | {row['context']} | skipped: {row['skipped']} |||||||| |")
+            continue
+        lines.append(
+            f"| {row['batch']} | {row['context']} | {_cell(row, 'hf_ms')} | {_cell(row, 'dense_ms')} | "
+            f"{_cell(row, 'spot_ms')} | {_cell(row, 'floor_dense_ms')} | {_cell(row, 'floor_spot_ms')} | "
+            f"{_cell(row, 'spot_speedup_vs_hf')}x | {_cell(row, 'spot_speedup_vs_dense')}x | "
+            f"{_cell(row, 'dense_speedup_vs_hf')}x |"
+        )
+    lines += [
+        "",
+        "One layer's decode step (layer 0 shapes, each part replayed from a CUDA graph), ms:",
+        "",
+        "| B | context | dense SDPA | ours dense | spot selection | spot attention | spot both | tokens read | "
+        "spot vs SDPA |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        if "skipped" in row:
+            continue
+        lines.append(
+            f"| {row['batch']} | {row['context']} | {_cell(row, 'layer_dense_sdpa_ms', '{:.3f}')} | "
+            f"{_cell(row, 'layer_dense_ours_ms', '{:.3f}')} | {_cell(row, 'layer_spot_select_ms', '{:.3f}')} | "
+            f"{_cell(row, 'layer_spot_attn_ms', '{:.3f}')} | {_cell(row, 'layer_spot_step_ms', '{:.3f}')} | "
+            f"{_cell(row, 'layer_spot_tokens_read', '{:.0f}')} | {_cell(row, 'layer_spot_speedup_vs_sdpa')}x |"
+        )
+    errors = [(r["batch"], r["context"], k, v) for r in report["rows"] for k, v in r.items() if k.endswith("_error")]
+    if errors:
+        lines += ["", "Errors:", ""] + [f"- B={b} ctx={c} {k}: {v}" for b, c, k, v in errors]
+    return "\n".join(lines) + "\n"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+@click.command("decode")
+@click.option("--shape", default="qwen3-8b", show_default=True, help="random:<shape> model to build")
+@click.option("--contexts", default="8192,32768,131072", show_default=True, help="comma-separated context lengths")
+@click.option(
+    "--batches", default="1,4", show_default=True, help="comma-separated batch sizes (skipped if K/V won't fit)",
+)
+@click.option("--budget", "budget_text", default="topk:4096", show_default=True, help="spot budget (as in generate)")
+@click.option("--key-format", default="int4", show_default=True, help="selector key format: bf16, int4, mxfp4, nvfp4")
+@click.option("--iters", default=20, show_default=True, help="timed steps per figure (plain HF: a quarter)")
+@click.option("--bandwidth", default=3.0, show_default=True, help="memory bandwidth for the floors, TB/s")
+@click.option("--skip-hf", is_flag=True, help="skip the plain Hugging Face baseline")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench_out/decode"), show_default=True)
+def decode_command(
+    shape: str,
+    contexts: str,
+    batches: str,
+    budget_text: str,
+    key_format: str,
+    iters: int,
+    bandwidth: float,
+    skip_hf: bool,
+    out: Path,
+) -> None:
+    """Whole-model decode step: plain HF vs spotattn dense and sparse, in CUDA graphs."""
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(report: dict) -> None:  # after every row, so that an interrupted run keeps what it measured
+        (out / "decode.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "decode.md").write_text(markdown(report))
+
+    report = run(shape, _ints(contexts), _ints(batches), budget_text, key_format, iters, bandwidth, skip_hf,
+                 log=lambda s: click.echo(s, err=True), on_row=save)
+    save(report)
+    click.echo(markdown(report))
+
+
+if __name__ == "__main__":
+    decode_command()
