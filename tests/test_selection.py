@@ -111,3 +111,21 @@ def test_budget_round_trip():
     for rule in (TopK(300), TopP(0.8), DualTopP(0.7, sink=64, recent=128, min_tokens=256, max_tokens=4096)):
         assert budget_from_dict(budget_to_dict(rule)) == rule
     assert math.isclose(TopK(33).max_blocks(16), 3)
+
+
+def test_oracle_decode_gives_every_head_its_own_nucleus():
+    """With a per-group top-p, each query head reads at least p of its own exact attention."""
+    from spotattn.methods import AttentionCall
+    from spotattn.methods.oracle import OracleConfig, per_head_nucleus
+
+    b, hkv, g, lk, d, bs, p = 2, 2, 3, 300, 16, 16, 0.8
+    q = torch.randn(b, hkv * g, 1, d) * 2
+    k = torch.randn(b, hkv, lk, d)
+    call = AttentionCall(q, k, k, d**-0.5, 0, None)
+    sel = per_head_nucleus(call, OracleConfig(budget=TopP(p)).budget, bs)
+    probs = torch.softmax((q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * d**-0.5, -1)[:, :, 0]
+    for bi in range(b):
+        for h in range(hkv * g):
+            blocks = chosen(sel, bi, h // g)
+            tokens = torch.tensor([j // bs in blocks for j in range(lk)])
+            assert probs[bi, h, tokens].sum() >= p - 1e-5

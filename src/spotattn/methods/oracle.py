@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from ..selection import block_sums, rows_for_decode, rows_for_prefill, select_blocks
+from ..selection import block_sums, mask_to_selection, rows_for_decode, rows_for_prefill, select_blocks
 from ..types import Budget, DualTopP, Selection, TopK, TopP
 from .base import AttentionCall, Method, MethodConfig, register_method
 
@@ -30,6 +30,17 @@ class OracleConfig(MethodConfig):
             raise ValueError(f"OracleConfig.budget must be TopK, TopP or DualTopP, got {self.budget!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"OracleConfig.granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+
+
+def _block_probs(
+    query: torch.Tensor, key: torch.Tensor, scale: float, block_size: int, q_pos: torch.Tensor, start
+) -> torch.Tensor:
+    """Exact attention of ``(B, Hkv, M, D)`` queries at positions ``q_pos`` (M,), summed into key blocks."""
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    key_pos = torch.arange(key.shape[2], device=query.device)
+    allowed = (key_pos <= q_pos.unsqueeze(-1)) & (key_pos >= start)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    return block_sums(probs, block_size)
 
 
 def exact_block_mass(
@@ -55,20 +66,40 @@ def exact_block_mass(
     group = hq // hkv
     offset = lk - lq
     num_blocks = -(-lk // block_size)
-    key_pos = torch.arange(lk, device=query.device)
     start = seq_start.view(b, 1, 1, 1) if seq_start is not None else 0
     out = torch.zeros(b, hkv, num_rows, num_blocks, device=query.device)
     for a in range(0, lq, chunk):
         e = min(lq, a + chunk)
-        qc = query[:, :, a:e].reshape(b, hkv, group * (e - a), d).float()
-        scores = torch.matmul(qc, key.float().transpose(-1, -2)) * scale
-        qpos = (torch.arange(a, e, device=query.device) + offset).repeat(group)
-        allowed = (key_pos <= qpos.unsqueeze(-1)) & (key_pos >= start)
-        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-        mass = block_sums(probs, block_size).view(b, hkv, group, e - a, num_blocks).amax(dim=2)
+        qc = query[:, :, a:e].reshape(b, hkv, group * (e - a), d)
+        q_pos = (torch.arange(a, e, device=query.device) + offset).repeat(group)
+        mass = _block_probs(qc, key, scale, block_size, q_pos, start)
+        mass = mass.view(b, hkv, group, e - a, num_blocks).amax(dim=2)
         rows = row_of_query[a:e].view(1, 1, -1, 1).expand_as(mass)
         out.scatter_reduce_(2, rows, mass, reduce="amax")
     return out.amax(dim=1, keepdim=True) if shared else out
+
+
+def per_head_nucleus(call: AttentionCall, budget: Budget, block_size: int) -> Selection:
+    """Decode selection for a kv-group: the union of every query head's own nucleus.
+
+    Each head then reads at least ``p`` of its own attention, which a single ranking of the group's
+    pooled mass does not promise. For 1..T decode queries the union stays small.
+    """
+    q, k = call.query, call.key
+    b, hq, t, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    start = call.seq_start.view(b, 1, 1, 1) if call.seq_start is not None else 0
+    q_pos = (torch.arange(t, device=q.device) + lk - t).repeat(hq // hkv)
+    mass = _block_probs(q.reshape(b, hkv, -1, d), k, call.scale, block_size, q_pos, start)  # (B, Hkv, g*T, NB)
+    nb = mass.shape[-1]
+    first, last = rows_for_decode(t, lk, block_size, q.device)
+    per_head = select_blocks(mass.reshape(b, -1, 1, nb), budget, block_size, row_first_block=first,
+                             row_last_block=last, seq_start=call.seq_start)
+    live = torch.arange(per_head.block_ids.shape[-1], device=q.device) < per_head.counts.unsqueeze(-1)
+    keep = torch.zeros(b, per_head.block_ids.shape[1], 1, nb + 1, dtype=torch.bool, device=q.device)
+    keep.scatter_(-1, torch.where(live, per_head.block_ids.long(), nb), True)
+    keep = keep[..., :nb].view(b, hkv, -1, nb).any(dim=2, keepdim=True)
+    return mask_to_selection(keep, block_size)
 
 
 @register_method("oracle")
@@ -92,6 +123,8 @@ class Oracle(Method):
 
     def decode(self, call: AttentionCall) -> Selection | None:
         bs = self.config.block_size
+        if self.config.granularity == "group" and not isinstance(self.config.budget, TopK):
+            return per_head_nucleus(call, self.config.budget, bs)
         first, last = rows_for_decode(call.num_queries, call.num_keys, bs, call.query.device)
         row_of_query = torch.zeros(call.num_queries, dtype=torch.long, device=call.query.device)
         mass = exact_block_mass(
