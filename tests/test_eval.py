@@ -273,14 +273,14 @@ def tiny_model(tokenizer):
 METHODS = "dense;oracle:topk=64,block_size=16"
 
 
-def _run(model, tok, out: Path, samples: int):
-    return run_eval(model, tok, methods=METHODS, tasks="passkey,ppl", lengths="256", samples=samples, out=out,
+def _run(model, tok, out: Path, tasks: str):
+    return run_eval(model, tok, methods=METHODS, tasks=tasks, lengths="256", samples=2, out=out,
                     model_name="tiny", progress=False)
 
 
 def test_runner_records_and_resumes(tmp_path: Path, tiny_model, monkeypatch) -> None:
     model, tok = tiny_model
-    first = _run(model, tok, tmp_path, samples=1)
+    first = _run(model, tok, tmp_path, "ppl")
     assert (first.computed, first.skipped) == (4, 0)
     by_key = {r["key"]: r for r in first.records}
     dense_ppl = next(r for r in first.records if r["task"] == "ppl" and r["method"] == "dense")
@@ -288,9 +288,6 @@ def test_runner_records_and_resumes(tmp_path: Path, tiny_model, monkeypatch) -> 
     assert dense_ppl["kl"] == 0.0 and dense_ppl["top1"] == 1.0 and dense_ppl["density"]["prefill"] == 1.0
     assert oracle_ppl["density"]["prefill"] < 0.9 and 0.0 < oracle_ppl["recall"]["prefill"] < 1.0
     assert oracle_ppl["kl"] > 0.0 and len(oracle_ppl["density_layers"]["prefill"]) == 2
-    passkey = next(r for r in first.records if r["task"] == "passkey" and r["method"] != "dense")
-    assert passkey["prompt_tokens"] == 256 - 16 and passkey["density"]["decode"] < 1.0
-    assert 0.0 <= passkey["recall"]["decode"] <= 1.0 and passkey["score"] in (0.0, 1.0)
 
     # Interrupt the next run after one new item; the rerun computes only what is missing.
     real = runner_mod.run_item
@@ -304,15 +301,19 @@ def test_runner_records_and_resumes(tmp_path: Path, tiny_model, monkeypatch) -> 
 
     monkeypatch.setattr(runner_mod, "run_item", flaky)
     with pytest.raises(KeyboardInterrupt):
-        _run(model, tok, tmp_path, samples=2)
+        _run(model, tok, tmp_path, "ppl,passkey")
     monkeypatch.setattr(runner_mod, "run_item", real)
     with (tmp_path / "results.jsonl").open("a") as f:
         f.write('{"key": "torn')  # a write cut short by the interruption
     with pytest.warns(UserWarning, match="unreadable line"):
-        second = _run(model, tok, tmp_path, samples=2)
+        second = _run(model, tok, tmp_path, "ppl,passkey")
     assert (second.computed, second.skipped) == (3, 5)
-    third = _run(model, tok, tmp_path, samples=2)
+    third = _run(model, tok, tmp_path, "ppl,passkey")
     assert (third.computed, third.skipped) == (0, 8)
+    passkey = next(r for r in third.records if r["task"] == "passkey" and r["method"] != "dense")
+    assert passkey["prompt_tokens"] == 256 - 16 and passkey["density"]["decode"] < 1.0
+    assert passkey["depth"] == 0.0 and "|depth=0.0000|" in passkey["key"]
+    assert 0.0 <= passkey["recall"]["decode"] <= 1.0 and passkey["score"] in (0.0, 1.0)
     with pytest.warns(UserWarning):
         records = read_results(tmp_path / "results.jsonl")
     keys = [r["key"] for r in records]

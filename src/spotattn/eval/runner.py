@@ -218,8 +218,12 @@ def sample_depth(task: str, index: int, samples: int) -> float | None:
     return 0.5 if samples == 1 else index / (samples - 1)
 
 
-def item_key(model_name: str, task: str, length: int, index: int, seed: int, label: str) -> str:
-    return f"{model_name}|{task}|{length}|{index}|seed={seed}|{label}"
+def item_key(
+    model_name: str, task: str, length: int, index: int, seed: int, depth: float | None, label: str
+) -> str:
+    """Everything that decides an item's result (the depth too: it follows the number of samples)."""
+    where = "-" if depth is None else f"{depth:.4f}"
+    return f"{model_name}|{task}|{length}|{index}|seed={seed}|depth={where}|{label}"
 
 
 def read_results(path: str | Path) -> list[dict]:
@@ -359,7 +363,8 @@ def run_eval(
     done = {r["key"]: r for r in read_results(path) if "key" in r}
 
     plan = [(t, n, i) for i in range(samples) for n in length_list for t in task_names]
-    all_keys = [item_key(model_name, t, n, i, seed, s.label) for t, n, i in plan for s in specs]
+    all_keys = [item_key(model_name, t, n, i, seed, sample_depth(t, i, samples), s.label)
+                for t, n, i in plan for s in specs]
     skipped = sum(k in done for k in all_keys)
     computed = 0
     from tqdm.auto import tqdm  # noqa: PLC0415 (only the runner needs it)
@@ -372,7 +377,8 @@ def run_eval(
             if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
                 sink.write("\n")  # a torn last line (interrupted write) must not swallow the next record
             for task, length, index in plan:
-                keys = {s.label: item_key(model_name, task, length, index, seed, s.label) for s in specs}
+                depth = sample_depth(task, index, samples)
+                keys = {s.label: item_key(model_name, task, length, index, seed, depth, s.label) for s in specs}
                 todo = [s for s in specs if keys[s.label] not in done]
                 if not todo:
                     continue
@@ -380,7 +386,6 @@ def run_eval(
                     warnings.warn(f"time limit of {time_limit:.0f} s reached; rerun to resume", stacklevel=2)
                     break
                 sseed = sample_seed(seed, task, index)
-                depth = sample_depth(task, index, samples)
                 prompt_len = length - ANSWER_TOKENS[task]
                 sample = build_task(task, tokenizer, prompt_len, seed=sseed, depth=depth)
                 dense_logits = None
