@@ -131,7 +131,9 @@ def _whole_model(decoder, cache, ctx: int, iters: int) -> tuple[float, float]:
     return ms, err
 
 
-def _layer_figures(model, cache, ctx: int, batch: int, iters: int, spot: bool) -> dict:
+def _layer_figures(
+    model, cache, ctx: int, batch: int, iters: int, spot: bool, profile_to: Path | None = None
+) -> dict:
     """One layer's decode step (layer 0), each part captured in a CUDA graph."""
     import torch.nn.functional as F
 
@@ -145,7 +147,7 @@ def _layer_figures(model, cache, ctx: int, batch: int, iters: int, spot: bool) -
     out: dict = {}
     seq_len = torch.tensor(ctx + 1, device=dev)
     if spot:
-        return _spot_layer(model, cache, q, seq_len, scale, iters)
+        return _spot_layer(model, cache, q, seq_len, scale, iters, profile_to)
     k = torch.randn(batch, hkv, ctx + 1, d, device=dev, dtype=dtype)
     v = torch.randn_like(k)
     out["layer_dense_sdpa_ms"] = _median_ms(
@@ -160,7 +162,9 @@ def _layer_figures(model, cache, ctx: int, batch: int, iters: int, spot: bool) -
     return out
 
 
-def _spot_layer(model, cache, q: torch.Tensor, seq_len: torch.Tensor, scale: float, iters: int) -> dict:
+def _spot_layer(
+    model, cache, q: torch.Tensor, seq_len: torch.Tensor, scale: float, iters: int, profile_to: Path | None = None
+) -> dict:
     from ..integration import layer_states
     from ..runtime.decode_path import DecodeContext, _attend, _spot
 
@@ -183,6 +187,12 @@ def _spot_layer(model, cache, q: torch.Tensor, seq_len: torch.Tensor, scale: flo
         select()
         attend()
 
+    if profile_to is not None:  # kernel-level breakdown of one selection, launched eagerly
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                select()
+            torch.cuda.synchronize()
+        profile_to.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
     out["layer_spot_select_ms"] = _median_ms(_graph(select).replay, iters)
     out["layer_spot_attn_ms"] = _median_ms(_graph(attend).replay, iters)
     out["layer_spot_step_ms"] = _median_ms(_graph(both).replay, iters)
@@ -202,6 +212,7 @@ def run(
     skip_hf: bool,
     log: Callable[[str], None] = print,
     on_row: Callable[[dict], None] | None = None,
+    profile_dir: Path | None = None,
 ) -> dict:
     from .. import sparsify, unsparsify
     from ..cli import parse_budget
@@ -270,7 +281,8 @@ def run(
                         _fill_selector_keys(cache, ctx, key_format, sel_dim)
                     decoder = GraphDecoder(model, cache)
                     row[f"{name}_ms"], row[f"{name}_graph_vs_eager_max_abs"] = _whole_model(decoder, cache, ctx, iters)
-                    row.update(_layer_figures(model, cache, ctx, batch, iters, spot=name == "spot"))
+                    prof = profile_dir / f"select_b{batch}_{ctx}.txt" if profile_dir and name == "spot" else None
+                    row.update(_layer_figures(model, cache, ctx, batch, iters, spot=name == "spot", profile_to=prof))
                     del decoder
                 except Exception as exc:  # noqa: BLE001
                     row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -376,6 +388,7 @@ def _ints(text: str) -> list[int]:
 @click.option("--iters", default=20, show_default=True, help="timed steps per figure (plain HF: a quarter)")
 @click.option("--bandwidth", default=3.0, show_default=True, help="memory bandwidth for the floors, TB/s")
 @click.option("--skip-hf", is_flag=True, help="skip the plain Hugging Face baseline")
+@click.option("--profile", is_flag=True, help="also write a kernel profile of spot's selection per row")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench_out/decode"), show_default=True)
 def decode_command(
     shape: str,
@@ -386,6 +399,7 @@ def decode_command(
     iters: int,
     bandwidth: float,
     skip_hf: bool,
+    profile: bool,
     out: Path,
 ) -> None:
     """Whole-model decode step: plain HF vs spotattn dense and sparse, in CUDA graphs."""
@@ -396,7 +410,7 @@ def decode_command(
         (out / "decode.md").write_text(markdown(report))
 
     report = run(shape, _ints(contexts), _ints(batches), budget_text, key_format, iters, bandwidth, skip_hf,
-                 log=lambda s: click.echo(s, err=True), on_row=save)
+                 log=lambda s: click.echo(s, err=True), on_row=save, profile_dir=out if profile else None)
     save(report)
     click.echo(markdown(report))
 
