@@ -262,7 +262,7 @@ def sparsify(model: torch.nn.Module, config: MethodConfig | str) -> torch.nn.Mod
     previous = model.config._attn_implementation
     hooks: list[Any] = []
     try:
-        for module, state in zip(modules, states):
+        for module, state in zip(modules, states, strict=True):
             setattr(module, STATE_ATTR, state)
             hooks.append(module.register_forward_pre_hook(_capture_inputs, with_kwargs=True))
             hooks.append(module.register_forward_hook(_release_inputs, with_kwargs=True))
@@ -344,10 +344,9 @@ def density(model: torch.nn.Module, phase: str = "all") -> DensityReport:
     rows, total_read, total_avail = [], 0.0, 0.0
     for state in _record(model).layers:
         # Counters live on the model's device; sum them on the host, where the report is read.
-        read = sum((state.read[p].cpu() for p in phases if p in state.read), torch.zeros(state.num_kv_heads))
-        avail = sum((state.available[p].cpu() for p in phases if p in state.available),
-                    torch.zeros(state.num_kv_heads))
-        read, avail = read.double().cpu(), avail.double().cpu()
+        zero = torch.zeros(state.num_kv_heads, dtype=torch.float64)
+        read = sum((state.read[p].cpu() for p in phases if p in state.read), zero)
+        avail = sum((state.available[p].cpu() for p in phases if p in state.available), zero)
         rows.append(torch.where(avail > 0, read / avail.clamp(min=1e-30), float("nan")))
         total_read += float(read.sum())
         total_avail += float(avail.sum())
