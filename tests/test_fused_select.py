@@ -1,0 +1,207 @@
+"""The fused decode selection kernel against :func:`spotattn.selection.select_blocks`.
+
+Interpreter cases (CPU, ``TRITON_INTERPRET=1``) run in one fresh subprocess, because Triton reads the
+variable when a kernel is defined; the GPU cases run in-process when CUDA is present. Inputs have no exact
+ties (distinct log-masses spaced far above float rounding), so ids and counts must be identical.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from spotattn.selection import rows_for_decode, select_blocks
+from spotattn.types import Budget, DualTopP, TopK, TopP
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+BUDGETS: dict[str, Budget] = {
+    "topk": TopK(160),
+    "topk_small": TopK(16),
+    "topp": TopP(0.9),
+    "topp_low": TopP(0.3),
+    "dual": DualTopP(p=0.9, sink=32, recent=48, min_tokens=64),
+    "dual_floor_cap": DualTopP(p=0.95, sink=16, recent=16, min_tokens=256, max_tokens=512),
+    "dual_cap_binds": DualTopP(p=0.99, sink=48, recent=32, min_tokens=32, max_tokens=96),
+}
+
+
+def _logits(b: int, g: int, nb: int, spread: float, gen: torch.Generator) -> torch.Tensor:
+    """Distinct log-masses: a random permutation of ``nb`` levels plus jitter below half a level."""
+    levels = torch.stack([torch.randperm(nb, generator=gen) for _ in range(b * g)]).float()
+    jitter = torch.rand(b * g, nb, generator=gen) * 0.5
+    return ((levels + jitter) * (spread / nb)).view(b, g, 1, nb)
+
+
+def _reference(mass, budget, bs, seq_len, queries, seq_start):
+    first, last = rows_for_decode(queries, seq_len, bs, mass.device)
+    return select_blocks(mass, budget, bs, row_first_block=first, row_last_block=last, seq_start=seq_start)
+
+
+def _same(got, ref) -> str | None:
+    counts = got.counts.cpu()
+    if not torch.equal(counts, ref.counts.cpu()):
+        return f"counts differ: {counts.flatten().tolist()} vs {ref.counts.flatten().tolist()}"
+    ids, rids = got.block_ids.cpu(), ref.block_ids.cpu()
+    k = rids.shape[-1]
+    if not torch.equal(ids[..., :k], rids) or bool((ids[..., k:] != -1).any()):
+        bad = (ids[..., :k] != rids).nonzero()[:3].tolist()
+        return f"ids differ at {bad}"
+    return None
+
+
+def case(
+    budget: str,
+    *,
+    b: int = 2,
+    g: int = 2,
+    nb: int = 300,
+    live: int = 3000,
+    bs: int = 16,
+    queries: int = 1,
+    padded: bool = False,
+    logits: bool = False,
+    by_len: bool = True,
+    spread: float = 12.0,
+    seed: int = 0,
+    device: str = "cpu",
+) -> Callable[[], str | None]:
+    def run() -> str | None:
+        from spotattn.kernels._triton.select import select_decode_fused
+
+        gen = torch.Generator().manual_seed(seed)
+        bud = BUDGETS[budget]
+        raw = _logits(b, g, nb, spread, gen)
+        seq_start = torch.tensor([0, 37, 200, 5][:b]) if padded else None
+        first, last = rows_for_decode(queries, live, bs, "cpu")
+        if logits:
+            # The reference sees the softmax over the allowed blocks, as the kernel computes it.
+            j = torch.arange(nb)
+            allowed = j <= last
+            if seq_start is not None:
+                allowed = allowed & ((j + 1) * bs > seq_start.view(b, 1, 1, 1))
+            mass = torch.softmax(raw.masked_fill(~allowed, float("-inf")), -1)
+            scores = raw
+        else:
+            mass = scores = raw.exp()
+        ref = _reference(mass, bud, bs, live, queries, seq_start)
+        dev = torch.device(device)
+        start = seq_start.to(dev) if seq_start is not None else None
+        kw = (
+            dict(seq_len=torch.tensor(live, device=dev), num_queries=queries)
+            if by_len
+            else dict(row_first_block=first.to(dev), row_last_block=last.to(dev))
+        )
+        got = select_decode_fused(scores.to(dev), bud, bs, nb, logits=logits, seq_start=start, **kw)
+        return _same(got, ref)
+
+    return run
+
+
+def interpreter_cases() -> dict[str, Callable[[], str | None]]:
+    cases: dict[str, Callable[[], str | None]] = {}
+    for name in BUDGETS:
+        cases[f"{name}"] = case(name, seed=1)
+        cases[f"{name}-pad"] = case(name, padded=True, seed=2)
+        cases[f"{name}-logits-pad"] = case(name, padded=True, logits=True, seed=3)
+    cases["topp-flat"] = case("topp", spread=2.0, seed=4)  # nucleus over many blocks
+    cases["dual-sharp"] = case("dual", spread=60.0, seed=5)  # nucleus within the forced blocks
+    cases["dual-queries3-rows"] = case("dual_floor_cap", queries=3, by_len=False, live=3071, seed=6)
+    cases["topk-queries8-boundary"] = case("topk", queries=8, live=3205, seed=7)
+    cases["topk-short-b4"] = case("topk", b=4, g=1, nb=40, live=200, padded=True, seed=8)
+    cases["dual-cap-b4-logits"] = case("dual_cap_binds", b=4, g=1, nb=1000, live=15000, logits=True, seed=9)
+    cases["topp-bs64"] = case("topp", bs=64, nb=100, live=6000, padded=True, seed=10)
+    cases["ties-lowest-first"] = _ties_case
+    cases["static-width"] = _width_case
+    return cases
+
+
+def _ties_case() -> str | None:
+    """Uniform masses (all tied): counts as the reference, and the lowest-numbered residual blocks."""
+    from spotattn.kernels._triton.select import select_decode_fused
+
+    bud = TopK(160)
+    mass = torch.ones(1, 1, 1, 100)
+    ref = _reference(mass, bud, 16, 1600, 1, None)
+    got = select_decode_fused(mass, bud, 16, 100, logits=False, seq_len=torch.tensor(1600))
+    if not torch.equal(got.counts, ref.counts):
+        return f"counts {got.counts.tolist()} vs {ref.counts.tolist()}"
+    want = [0] + list(range(1, 9)) + [99]  # sink, the 8 lowest-numbered residual blocks, the current block
+    if got.block_ids[0, 0, 0, :10].tolist() != want:
+        return f"tied ids {got.block_ids[0, 0, 0, :10].tolist()}, want {want}"
+    return None
+
+
+def _width_case() -> str | None:
+    """A width below the kept count keeps the lowest ids and clamps the count, like select_blocks_device."""
+    from spotattn.kernels._triton.select import select_decode_fused
+
+    gen = torch.Generator().manual_seed(11)
+    mass = _logits(1, 1, 200, 12.0, gen).exp()
+    ref = _reference(mass, TopK(640), 16, 3200, 1, None)
+    got = select_decode_fused(mass, TopK(640), 16, 20, logits=False, seq_len=torch.tensor(3200))
+    if int(got.counts) != 20 or got.block_ids[0, 0, 0].tolist() != ref.block_ids[0, 0, 0, :20].tolist():
+        return f"width 20: {got.counts.tolist()} {got.block_ids.tolist()}"
+    return None
+
+
+# ------------------------------------------------------------------------------------ interpreter
+
+
+CASES = sorted(interpreter_cases())
+
+
+@pytest.fixture(scope="module")
+def verdicts() -> dict[str, str | None]:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=300
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fused_select_matches_select_blocks_in_interpreter(verdicts: dict[str, str | None], name: str) -> None:
+    assert name in verdicts, f"case {name} did not run"
+    assert verdicts[name] is None, verdicts[name]
+
+
+def _worker() -> None:
+    import traceback
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    results: dict[str, str | None] = {}
+    for name, run in interpreter_cases().items():
+        try:
+            results[name] = run()
+        except Exception:  # reported per case; the others still run
+            results[name] = traceback.format_exc(limit=6)
+    print(json.dumps(results))
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("budget", sorted(BUDGETS))
+@pytest.mark.parametrize("nb, live", [(520, 8200), (8200, 131073)])
+@pytest.mark.parametrize("logits", [False, True])
+def test_fused_select_gpu(budget: str, nb: int, live: int, logits: bool) -> None:
+    assert case(budget, b=2, g=1, nb=nb, live=live, padded=True, logits=logits, device="cuda", seed=nb)() is None
+
+
+if __name__ == "__main__":
+    _worker()
