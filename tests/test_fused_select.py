@@ -120,6 +120,9 @@ def interpreter_cases() -> dict[str, Callable[[], str | None]]:
     cases["dual-cap-b4-logits"] = case("dual_cap_binds", b=4, g=1, nb=1000, live=15000, logits=True, seed=9)
     cases["topp-bs64"] = case("topp", bs=64, nb=100, live=6000, padded=True, seed=10)
     cases["ties-lowest-first"] = _ties_case
+    for fmt in ("int4", "bf16"):
+        for groups in (1, 2):
+            cases[f"prep-{fmt}-g{groups}"] = _prep_case(fmt, groups)
     cases["static-width"] = _width_case
     return cases
 
@@ -151,6 +154,50 @@ def _width_case() -> str | None:
     if int(got.counts) != 20 or got.block_ids[0, 0, 0].tolist() != ref.block_ids[0, 0, 0, :20].tolist():
         return f"width 20: {got.counts.tolist()} {got.block_ids.tolist()}"
     return None
+
+
+def _prep_case(fmt: str, groups: int, device: str = "cpu", dim: int = 64) -> Callable[[], str | None]:
+    """The fused selector prep (norm, rope, quantise, cache write) against the PyTorch selector path."""
+
+    @torch.no_grad()
+    def run() -> str | None:
+        from spotattn.spot.quant import dequantize, quantize
+        from spotattn.spot.selector import SelectorConfig, SelectorLayer
+        from spotattn.spot.triton_prep import selector_decode_prep
+
+        torch.manual_seed(12 + groups)
+        cfg = SelectorConfig(hidden_size=96, num_layers=1, num_heads=4, head_dim=dim, num_groups=groups)
+        layer = SelectorLayer(cfg)
+        torch.nn.init.normal_(layer.w_proj.weight, std=0.1)
+        for norm in (layer.q_norm, layer.k_norm):
+            torch.nn.init.normal_(norm.weight, mean=1.0, std=0.2)
+        layer = layer.to(device=device, dtype=torch.bfloat16)
+        b, cap, pos = 3, 40, 29
+        hidden = torch.randn(b, 1, 96, device=device, dtype=torch.bfloat16)
+        positions = torch.tensor([pos], device=device)
+        ref_parts = quantize(layer.keys(hidden, positions), fmt)
+        ref_q, ref_w = layer.queries(hidden, positions)
+        bufs = {n: torch.zeros(b, cap, *p.shape[2:], dtype=p.dtype, device=device) for n, p in ref_parts.items()}
+        q, w = selector_decode_prep(layer, hidden, positions, fmt, bufs["k"], bufs.get("s"))
+        if not torch.allclose(q, ref_q, rtol=1e-5, atol=1e-6) or not torch.allclose(w, ref_w, rtol=1e-6, atol=0):
+            return f"q/w differ: {float((q - ref_q).abs().max()):.2e}, {float((w - ref_w).abs().max()):.2e}"
+        untouched = torch.cat([bufs["k"][:, :pos], bufs["k"][:, pos + 1 :]], 1)
+        if bool(untouched.float().abs().sum() != 0):
+            return "wrote outside the current position"
+        got = dequantize({n: t[:, pos : pos + 1] for n, t in bufs.items()}, fmt)
+        ref = dequantize(ref_parts, fmt)
+        err = float((got - ref).abs().max())
+        if fmt == "bf16" and not torch.allclose(got, ref, rtol=2**-7, atol=0):  # one bf16 rounding step
+            return f"bf16 key differs by {err:.2e}"
+        if fmt == "int4":
+            step = float(bufs["s"][:, pos].float().max())
+            if not torch.allclose(bufs["s"][:, pos].float(), ref_parts["s"][:, 0].float(), rtol=1e-3):
+                return "int4 scales differ"
+            if err > step * 1.001 or float((got != ref).float().mean()) > 0.02:
+                return f"int4 codes differ too much (max {err:.3e}, step {step:.3e})"
+        return None
+
+    return run
 
 
 # ------------------------------------------------------------------------------------ interpreter
@@ -201,6 +248,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("logits", [False, True])
 def test_fused_select_gpu(budget: str, nb: int, live: int, logits: bool) -> None:
     assert case(budget, b=2, g=1, nb=nb, live=live, padded=True, logits=logits, device="cuda", seed=nb)() is None
+
+
+@cuda
+@pytest.mark.parametrize("fmt", ["int4", "bf16"])
+@pytest.mark.parametrize("groups", [1, 8])
+def test_fused_prep_gpu(fmt: str, groups: int) -> None:
+    assert _prep_case(fmt, groups, device="cuda", dim=128)() is None
 
 
 if __name__ == "__main__":

@@ -146,16 +146,23 @@ def _spot(ctx: DecodeContext) -> Selection | None:
     q = ctx.query
     layer = method._layer(q.device)
     meta = ctx.cache.meta(ctx.layer_idx)
-    parts = quantize(layer.keys(hidden, ctx.positions), cfg.key_format)
-    buffers = {}
-    for name, part in parts.items():
-        full = f"{KeyCache.PREFIX}.{name}"
-        entry = meta.get(full)
-        if entry is None:  # a cache that was not prefilled by spot (benchmarks): zeros, written as we go
-            entry = ctx.cache.allocate_meta(ctx.layer_idx, full, part, tokens_per_entry=1, axis=1)
-        entry.tensor.index_copy_(1, ctx.positions, part)
-        buffers[name] = entry.tensor
-    qs, w = layer.queries(hidden, ctx.positions)
+    if q.is_cuda and _fused_prep(layer, cfg.key_format, hidden):
+        # One kernel for norm + rope of key and queries, int4/bf16 encoding and the cache write.
+        from ..spot.triton_prep import selector_decode_prep  # noqa: PLC0415 (needs triton)
+
+        buffers = _key_buffers(ctx, meta, layer, cfg.key_format, hidden, KeyCache.PREFIX)
+        qs, w = selector_decode_prep(layer, hidden, ctx.positions, cfg.key_format, buffers["k"], buffers.get("s"))
+    else:
+        parts = quantize(layer.keys(hidden, ctx.positions), cfg.key_format)
+        buffers = {}
+        for name, part in parts.items():
+            full = f"{KeyCache.PREFIX}.{name}"
+            entry = meta.get(full)
+            if entry is None:  # a cache that was not prefilled by spot (benchmarks): zeros, written as we go
+                entry = ctx.cache.allocate_meta(ctx.layer_idx, full, part, tokens_per_entry=1, axis=1)
+            entry.tensor.index_copy_(1, ctx.positions, part)
+            buffers[name] = entry.tensor
+        qs, w = layer.queries(hidden, ctx.positions)
     bs = cfg.block_size
     if q.is_cuda and q.shape[2] == 1:
         from ..spot.triton_score import score_blocks_triton  # noqa: PLC0415 (needs triton)
@@ -163,5 +170,40 @@ def _spot(ctx: DecodeContext) -> Selection | None:
         logits = score_blocks_triton(qs, w, buffers, cfg.key_format, ctx.cache.capacity, bs, ctx.seq_start)
     else:
         logits = score_blocks_torch(qs, w, buffers, cfg.key_format, ctx.positions, bs, ctx.seq_start)
+    if q.is_cuda and q.shape[2] == 1:
+        from .select import _cap_blocks, _forced_counts, _fused_select  # noqa: PLC0415
+
+        fused = _fused_select(logits)
+        if fused is not None:
+            # Softmax over the allowed blocks happens inside the selection kernel (the same distribution
+            # as softmax over the buffer then renormalised, up to float rounding).
+            n_sink, n_recent = _forced_counts(cfg.budget, bs)
+            width = n_sink + max(n_recent, 2) + _cap_blocks(cfg.budget, bs, logits.shape[-1])
+            return fused(logits, cfg.budget, bs, width, logits=True, seq_len=ctx.seq_len, seq_start=ctx.seq_start)
     mass = torch.softmax(_finite_rows(logits), dim=-1).amax(dim=2, keepdim=True)
     return select_decode_static(mass, cfg.budget, bs, ctx.seq_len, q.shape[2], ctx.seq_start)
+
+
+def _fused_prep(layer, fmt: str, hidden: torch.Tensor) -> bool:
+    try:
+        from ..spot.triton_prep import fused_prep_supported  # noqa: PLC0415 (needs triton)
+    except ImportError:
+        return False
+    return fused_prep_supported(layer, fmt, hidden)
+
+
+def _key_buffers(ctx: DecodeContext, meta: dict, layer, fmt: str, hidden: torch.Tensor, prefix: str) -> dict:
+    """The static selector key buffers, allocated (zeros) on first use when the cache was not prefilled by
+    spot; that happens in the warm-up before any capture."""
+    from ..spot.quant import quantize  # noqa: PLC0415
+
+    buffers = {}
+    template = None
+    for name in ("k",) if fmt == "bf16" else ("k", "s"):
+        entry = meta.get(f"{prefix}.{name}")
+        if entry is None:
+            if template is None:  # shapes and dtypes of the stored parts, from one zero key
+                template = quantize(hidden.new_zeros(hidden.shape[0], 1, layer.config.head_dim).float(), fmt)
+            entry = ctx.cache.allocate_meta(ctx.layer_idx, f"{prefix}.{name}", template[name], 1, axis=1)
+        buffers[name] = entry.tensor
+    return buffers

@@ -9,6 +9,9 @@ recent blocks forced, nothing in padding or the future), but
   the cap instead of sorting every block, and builds the id list from the forced ranges plus the top
   entries: one small sort of about ``cap`` ids instead of two sorts over all blocks.
 
+On CUDA the whole rule runs in one fused Triton kernel instead (``kernels/_triton/select.py``: same ids
+and counts, thresholds by bisection, no sort); the PyTorch code below is the CPU path and the reference.
+
 Budgets without a cap fall back to :func:`~spotattn.kernels.triton_ops.select_blocks_device` semantics
 (width = all blocks) through the same code with ``k = NB``.
 """
@@ -58,14 +61,18 @@ def select_decode_static(
     device = mass.device
     n_sink, n_recent = _forced_counts(budget, block_size)
     span = max(n_recent, 2)  # the recent range, or the row's own (at most 2) blocks, whichever is wider
+    fused = _fused_select(mass)
+    if fused is not None:  # one kernel instead of ~40 launches with a top-k and a sort
+        width = n_sink + span + _cap_blocks(budget, block_size, nb)
+        return fused(
+            mass, budget, block_size, width, logits=False, seq_len=seq_len, num_queries=num_queries, seq_start=seq_start
+        )
     j = torch.arange(nb, device=device)
     seq_len = seq_len.reshape(1).long()
     last = (seq_len - 1) // block_size
     first_q = (seq_len - num_queries) // block_size
     first_recent = torch.minimum(first_q, last - n_recent + 1)
-    sink_block = (
-        (seq_start.long() // block_size).view(b, 1, 1, 1) if seq_start is not None else torch.zeros_like(last)
-    )
+    sink_block = (seq_start.long() // block_size).view(b, 1, 1, 1) if seq_start is not None else torch.zeros_like(last)
     allowed = j <= last
     if seq_start is not None:
         allowed = allowed & ((j + 1) * block_size > seq_start.view(b, 1, 1, 1))
@@ -113,6 +120,17 @@ def select_decode_static(
     counts = (ids < nb).sum(-1).to(torch.int32)
     ids = torch.where(ids < nb, ids, -1).to(torch.int32)
     return Selection(ids.contiguous(), counts, block_size)
+
+
+def _fused_select(scores: torch.Tensor):
+    """The fused Triton selection for CUDA rows it can hold, else None (CPU keeps the PyTorch path)."""
+    if not scores.is_cuda:
+        return None
+    try:
+        from ..kernels._triton.select import fused_select_supported, select_decode_fused  # noqa: PLC0415
+    except ImportError:
+        return None
+    return select_decode_fused if fused_select_supported(scores.shape[-1]) else None
 
 
 def _nucleus(sorted_mass: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ query, the second merges them into the log-sum-exp, recomputes the chunk's logit
 :func:`spotattn.selection.select_blocks`, with one difference: the width of ``block_ids`` is a static
 bound computed from the budget and shapes (not ``counts.max()``), so nothing waits on the GPU and the
 call can be captured in a CUDA graph. Extra columns are ``-1`` padding, which every kernel ignores.
-Ranking uses the device sort of PyTorch (a segmented radix sort), not a Triton kernel.
+Decode rows (``R == 1``) go to the fused selection kernel of ``select.py`` (no sort); prefill rows rank
+with the device sort of PyTorch (a segmented radix sort).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import triton.language as tl
 from ...selection import allowed_blocks
 from ...types import Budget, DualTopP, Selection, TopK, TopP
 from .common import HEAD_DIMS, LOG2E, dot_precision, interpreting, last_dim_contiguous, mm, next_pow2, require
+from .select import fused_select_supported, select_decode_fused
 
 BLOCK_NB = 64
 
@@ -294,8 +296,7 @@ def block_scores(
     """
     if q.dim() != 4 or rep.dim() != 4 or rep.shape[0] != q.shape[0] or rep.shape[3] != q.shape[3]:
         raise ValueError(
-            f"block_scores: q (B, Hq, T, D) and rep (B, Hkv, NB, D) disagree: "
-            f"{tuple(q.shape)} and {tuple(rep.shape)}"
+            f"block_scores: q (B, Hq, T, D) and rep (B, Hkv, NB, D) disagree: {tuple(q.shape)} and {tuple(rep.shape)}"
         )
     if q.shape[1] % rep.shape[1] != 0 or q.dtype != rep.dtype:
         raise ValueError(
@@ -383,6 +384,18 @@ def select_blocks_device(
     if width is None:
         span = 2 if r == 1 else nb  # a decode row spans at most 2 blocks (T <= block size)
         width = selection_width(budget, block_size, nb, span)
+    if r == 1 and fused_select_supported(nb):  # decode: one fused kernel, no sort
+        return select_decode_fused(
+            mass,
+            budget,
+            block_size,
+            width,
+            logits=False,
+            row_first_block=row_first_block,
+            row_last_block=row_last_block,
+            seq_start=seq_start,
+            first_row=first_row,
+        )
     allowed = allowed_blocks(nb, row_last_block, block_size, seq_start, b).expand(b, g, r, nb)
     sink_block = (
         seq_start.long() // block_size

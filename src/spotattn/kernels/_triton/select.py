@@ -212,6 +212,7 @@ def select_decode_fused(
     row_first_block: torch.Tensor | None = None,
     row_last_block: torch.Tensor | None = None,
     seq_start: torch.Tensor | None = None,
+    first_row: int = 0,
 ) -> Selection:
     """One decode row's :class:`Selection` ``(B, G, 1, width)`` from ``scores`` ``(B, G, 1, NB)`` or ``(B, G, NB)``.
 
@@ -276,4 +277,4 @@ def select_decode_fused(
         WBLOCK=max(16, next_pow2(width)),
         num_warps=min(16, max(4, block // 512)),
     )
-    return Selection(ids, counts, block_size)
+    return Selection(ids, counts, block_size, first_row)
