@@ -37,10 +37,8 @@ def _round_half_even(x):
 @triton.jit
 def _norm_rope(x1, x2, w1, w2, c, s, eps, D: tl.constexpr):
     """RMSNorm over the two halves (rows of a 2-D tile, or one vector), then rotate-half RoPE."""
-    ms = (tl.sum(x1 * x1, -1) + tl.sum(x2 * x2, -1)) / D
+    ms = (tl.sum(x1 * x1, -1, keep_dims=True) + tl.sum(x2 * x2, -1, keep_dims=True)) / D
     r = tl.math.rsqrt(ms + eps)
-    if len(x1.shape) == 2:
-        r = r[:, None]
     y1 = x1 * r * w1
     y2 = x2 * r * w2
     return y1 * c - y2 * s, y2 * c + y1 * s
@@ -86,9 +84,9 @@ def _prep_kernel(
     D: tl.constexpr,
     FMT: tl.constexpr,  # 0 bf16, 1 int4
     GS: tl.constexpr,
+    HALF: tl.constexpr,  # D // 2
 ):
     b = tl.program_id(0)
-    HALF: tl.constexpr = D // 2
     i = tl.arange(0, HALF)
     pos = tl.load(Pos)
     angle = pos.to(tl.float32) * tl.load(InvFreq + i)
@@ -188,6 +186,7 @@ def selector_decode_prep(
         D=d,
         FMT=FUSED_FORMATS.index(fmt),
         GS=32,
+        HALF=d // 2,
         num_warps=4,
     )
     return q, w

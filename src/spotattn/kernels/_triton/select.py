@@ -33,7 +33,7 @@ from ...types import Budget, DualTopP, Selection, TopK, TopP
 from .common import next_pow2
 
 MAX_FUSED_BLOCKS = 32768  # the row lives in registers; longer rows use the sorting path
-_INF_BITS = 0x7F800000  # bit pattern of +inf: above every probability
+_INF_BITS = tl.constexpr(0x7F800000)  # bit pattern of +inf: above every probability
 
 
 @triton.jit
