@@ -307,3 +307,20 @@ def test_spot_budget_reads_less_and_keeps_key_cache_in_step(tiny_ckpt):
         assert 0 < spotattn.density(model, "decode").mean < 0.6
     finally:
         spotattn.unsparsify(model)
+
+
+@pytest.mark.slow
+def test_shipped_selector_fits_smollm2_and_reads_less():
+    from spotattn.spot import shipped_selector
+
+    model, tok = spotattn.load_model("smollm2-135m", device="cpu")
+    load_selector(shipped_selector("smollm2-135m"), model=model)  # shapes and weights both match
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 120, return_tensors="pt")["input_ids"]
+    spotattn.sparsify(model, SpotConfig(budget=DualTopP(0.9, sink=64, recent=64, min_tokens=128),
+                                        key_format="int4"))
+    try:
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        assert spotattn.density(model, "decode").mean < 0.5
+    finally:
+        spotattn.unsparsify(model)

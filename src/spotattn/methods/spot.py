@@ -56,6 +56,9 @@ class SpotConfig(MethodConfig):
     budget: Budget = field(default_factory=DualTopP)
     key_format: str = "bf16"  # bf16 | int4 | mxfp4 | nvfp4
     sparse_prefill: bool = False
+    # Selector distribution softmax(logit / T); T < 1 sharpens it and reads less. None: the checkpoint's
+    # recommended value (its JSON "inference.temperature"), else 1.
+    temperature: float | None = None
     prefill_chunk: int = 256  # queries scored at once in sparse prefill
 
     def __post_init__(self) -> None:
@@ -64,10 +67,11 @@ class SpotConfig(MethodConfig):
             raise ValueError(f"SpotConfig.budget must be TopK, TopP or DualTopP, got {self.budget!r}")
         if self.key_format not in FORMATS:
             raise ValueError(f"SpotConfig.key_format must be one of {FORMATS}, got {self.key_format!r}")
+        t = self.temperature
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
+            raise ValueError(f"SpotConfig.temperature must be positive, got {self.temperature!r}")
         if not isinstance(self.prefill_chunk, int) or self.prefill_chunk <= 0:
-            raise ValueError(
-                f"SpotConfig.prefill_chunk must be a positive integer, got {self.prefill_chunk!r}"
-            )
+            raise ValueError(f"SpotConfig.prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
 
     def check_model(self, model_config) -> None:
         super().check_model(model_config)
@@ -76,9 +80,7 @@ class SpotConfig(MethodConfig):
         check_shapes(meta, model_config, f" {path.name}")
         sel_bs = meta["selector"]["block_size"]
         if sel_bs != self.block_size:
-            raise ValueError(
-                f"SpotConfig.block_size={self.block_size} differs from the selector's block size {sel_bs}"
-            )
+            raise ValueError(f"SpotConfig.block_size={self.block_size} differs from the selector's block size {sel_bs}")
 
 
 @register_method("spot")
@@ -88,7 +90,9 @@ class Spot(Method):
     def __init__(self, config: SpotConfig, model_config, layer_idx: int) -> None:
         super().__init__(config, model_config, layer_idx)
         self.path = resolve_checkpoint(config.checkpoint)
-        self.serves = layer_idx in read_meta(self.path)["selector"]["layer_ids"]
+        meta = read_meta(self.path)
+        self.serves = layer_idx in meta["selector"]["layer_ids"]
+        self.temperature = float(config.temperature or meta.get("inference", {}).get("temperature", 1.0))
 
     def _layer(self, device: torch.device) -> SelectorLayer:
         return _selector_on(self.path, device).layer(self.layer_idx)
@@ -126,9 +130,7 @@ class Spot(Method):
                 return None
             return self._sparse_prefill(call, layer, pos, parts)
 
-    def _sparse_prefill(
-        self, call: AttentionCall, layer: SelectorLayer, pos: torch.Tensor, parts: dict
-    ) -> Selection:
+    def _sparse_prefill(self, call: AttentionCall, layer: SelectorLayer, pos: torch.Tensor, parts: dict) -> Selection:
         bs = self.config.block_size
         first, rows = rows_for_prefill(call.num_queries, call.num_keys, bs, call.query.device)
         q, w = layer.queries(call.hidden_states, pos)
@@ -145,7 +147,7 @@ class Spot(Method):
             logits = score_blocks_torch(
                 q[:, :, a:e], w[..., a:e], chunk_parts, self.config.key_format, pos[a:e], bs, call.seq_start
             )
-            probs = torch.softmax(_finite_rows(logits), dim=-1)
+            probs = torch.softmax(_finite_rows(logits) / self.temperature, dim=-1)
             idx = row_of_query[a:e].view(1, 1, -1, 1).expand(*probs.shape)
             mass[..., : probs.shape[-1]].scatter_reduce_(2, idx, probs, reduce="amax")
         return select_blocks(
@@ -170,7 +172,7 @@ class Spot(Method):
             q, w = layer.queries(call.hidden_states, pos)
             logits = score_blocks(q, w, parts, self.config.key_format, pos, bs, call.seq_start)
             # One row shared by the (1..8) new queries: a block counts as much as its best query wants it.
-            mass = torch.softmax(_finite_rows(logits), dim=-1).amax(dim=2, keepdim=True)
+            mass = torch.softmax(_finite_rows(logits) / self.temperature, dim=-1).amax(dim=2, keepdim=True)
             first, last = rows_for_decode(call.num_queries, call.num_keys, bs, call.query.device)
             return _select(call.query.is_cuda)(
                 mass,

@@ -22,56 +22,67 @@ from .selector import block_log_probs
 from .train import Backbone, Capture
 
 
+def _keep_mask(sel, nb: int) -> torch.Tensor:
+    keep = torch.zeros(*sel.block_ids.shape[:3], nb + 1, dtype=torch.bool, device=sel.block_ids.device)
+    keep.scatter_(-1, sel.block_ids.long() % (nb + 1), True)  # padding (-1) lands in the extra column
+    return keep[..., :nb]
+
+
 @torch.no_grad()
 def attention_recall(
     model,
     input_ids: torch.Tensor,
     checkpoint: str | None,
-    budget: Budget,
-    key_format: str = "bf16",
+    settings: dict[str, tuple[Budget, str, float]],
     last: int = 64,
-) -> dict[str, float]:
-    """For the last ``last`` queries of ``input_ids``: the share of the layer's head-averaged attention
-    inside the blocks spot selects (recall), the density it reads, and the recall of the exact top blocks
-    at the same block count (the oracle at equal density). Averaged over layers and queries."""
+) -> dict[str, dict[str, float]]:
+    """For the last ``last`` queries of ``input_ids`` and each setting ``name -> (budget, key_format,
+    temperature)``: the share of the layer's head-averaged attention inside the blocks spot selects
+    (recall), the density read, the recall of the exact top blocks at the same block count (oracle at
+    equal density), and the density the exact attention itself needs under the same budget rule.
+    Averaged over layers and queries; one backbone forward for all settings."""
     selector, _ = load_selector(resolve_checkpoint(checkpoint), model=model, device=input_ids.device)
     cfg = selector.config
     bs = cfg.block_size
     capture = Capture(bs, cfg.num_groups, 256, torch.float32)
     with Backbone(model, capture, cfg.layer_ids) as backbone:
-        backbone.model.requires_grad_(False)
-        # Only the last queries' teacher is needed: trim the capture after the forward.
         backbone.run(input_ids)
     length = input_ids.shape[1]
     pos = torch.arange(length, device=input_ids.device)
     qpos = pos[-last:]
     rows = qpos // bs
-    recalls, oracle, dens = [], [], []
+    acc: dict[str, dict[str, list[float]]] = {
+        n: {"recall": [], "oracle_recall_same_density": [], "density": [], "oracle_density_same_budget": []}
+        for n in settings
+    }
     for idx in cfg.layer_ids:
         layer = selector.layer(idx)
         hidden = capture.hidden[idx]
-        keys = dequantize(quantize(layer.keys(hidden, pos), key_format), key_format)
+        raw_keys = layer.keys(hidden, pos)
         q, w = layer.queries(hidden[:, -last:], qpos)
-        probs = block_log_probs(q, w, keys, qpos, bs).exp()
-        sel = select_blocks(probs, budget, bs, row_first_block=rows, row_last_block=rows)
-        nb = probs.shape[-1]
-        keep = torch.zeros(*sel.block_ids.shape[:3], nb + 1, dtype=torch.bool, device=probs.device)
-        keep.scatter_(-1, sel.block_ids.long().clamp(min=-1) % (nb + 1), True)
-        keep = keep[..., :nb]
         teacher = capture.teacher[idx][:, :, -last:].float()
-        recalls.append(float(((teacher * keep).sum(-1) / teacher.sum(-1)).mean()))
-        k = keep.sum(-1, keepdim=True)
+        nb = teacher.shape[-1]
         order = teacher.argsort(-1, descending=True)
-        top = torch.zeros_like(keep).scatter(-1, order, torch.arange(nb, device=keep.device) < k)
-        oracle.append(float(((teacher * top).sum(-1) / teacher.sum(-1)).mean()))
-        read = (keep.float() * bs).sum(-1).clamp(max=(qpos + 1).float())
-        dens.append(float((read / (qpos + 1).float()).mean()))
-    return {
-        "recall": sum(recalls) / len(recalls),
-        "oracle_recall_same_density": sum(oracle) / len(oracle),
-        "density": sum(dens) / len(dens),
-        "min_layer_recall": min(recalls),
-    }
+        for name, (budget, fmt, temperature) in settings.items():
+            keys = dequantize(quantize(raw_keys, fmt), fmt)
+            logp = block_log_probs(q, w, keys, qpos, bs)
+            probs = torch.softmax(logp / temperature, dim=-1)
+            keep = _keep_mask(select_blocks(probs, budget, bs, row_first_block=rows, row_last_block=rows), nb)
+            top = torch.zeros_like(keep).scatter(-1, order, torch.arange(nb) < keep.sum(-1, keepdim=True))
+            exact = _keep_mask(select_blocks(teacher, budget, bs, row_first_block=rows, row_last_block=rows), nb)
+            a = acc[name]
+            a["recall"].append(float(((teacher * keep).sum(-1) / teacher.sum(-1)).mean()))
+            a["oracle_recall_same_density"].append(float(((teacher * top).sum(-1) / teacher.sum(-1)).mean()))
+            avail = (qpos + 1).float()
+            a["density"].append(float(((keep.float() * bs).sum(-1).clamp(max=avail) / avail).mean()))
+            a["oracle_density_same_budget"].append(
+                float(((exact.float() * bs).sum(-1).clamp(max=avail) / avail).mean())
+            )
+    out = {}
+    for name, a in acc.items():
+        out[name] = {k: sum(v) / len(v) for k, v in a.items()}
+        out[name]["min_layer_recall"] = min(a["recall"])
+    return out
 
 
 @torch.no_grad()
@@ -168,6 +179,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096])
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--p", type=float, default=0.9)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--sweep-p", type=float, nargs="+", default=[0.9])
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0])
     parser.add_argument("--formats", nargs="+", default=["bf16", "int4"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-needle", action="store_true")
@@ -179,9 +193,13 @@ def main() -> None:
     from ..tasks import build_needle_prompt
 
     ids = build_needle_prompt(tok, max(args.tokens), 0.5).input_ids.to(model.device)
-    report["recall"] = {
-        fmt: attention_recall(model, ids, args.checkpoint, budget, fmt) for fmt in args.formats
+    settings = {
+        f"{fmt} p={p} T={t}": (DualTopP(p=p), fmt, t)
+        for fmt in args.formats
+        for p in args.sweep_p
+        for t in args.temperatures
     }
+    report["recall"] = attention_recall(model, ids, args.checkpoint, settings)
     print(json.dumps(report), flush=True)
     if not args.skip_needle:
         configs: dict[str, MethodConfig | None] = {
@@ -189,7 +207,9 @@ def main() -> None:
             "oracle": OracleConfig(budget=budget, block_size=16, granularity="shared", sparse_prefill=False),
         }
         for fmt in args.formats:
-            configs[f"spot-{fmt}"] = SpotConfig(checkpoint=args.checkpoint, budget=budget, key_format=fmt)
+            configs[f"spot-{fmt}"] = SpotConfig(
+                checkpoint=args.checkpoint, budget=budget, key_format=fmt, temperature=args.temperature
+            )
         report["needle"] = needle_eval(model, tok, configs, args.tokens, args.depths)
     report["seconds"] = round(time.time() - start, 1)
     print(json.dumps(report, indent=1), flush=True)
