@@ -188,11 +188,6 @@ def score_blocks(
     return score_blocks_torch(q, w, parts, fmt, q_pos, block_size, seq_start)
 
 
-def empty_rows_to_uniform(logits: torch.Tensor) -> torch.Tensor:
-    empty = torch.isinf(logits).all(-1, keepdim=True)
-    return torch.where(empty, torch.zeros_like(logits), logits)
-
-
 __all__ = [
     "FORMATS",
     "KeyCache",
