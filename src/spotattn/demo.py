@@ -9,6 +9,7 @@ import torch
 
 from .integration import density, sparsify, unsparsify
 from .methods import MethodConfig, OracleConfig
+from .methods.spot import SpotConfig
 from .models import SMOLLM2_ALIAS, load_model
 from .tasks import build_needle_prompt
 from .types import TopP
@@ -37,8 +38,9 @@ def run_demo(
     config: MethodConfig | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict:
-    """Run the demo and return what it printed as a dict (answers, correctness, densities, times)."""
-    config = config or DEFAULT_DEMO_CONFIG
+    """Run the demo: dense, then each sparse method (``config``, or the oracle and the shipped spot
+    selector). Returns what it printed as a dict keyed by method."""
+    configs = [config] if config is not None else [DEFAULT_DEMO_CONFIG, SpotConfig()]
     echo(f"Loading {SMOLLM2_ALIAS} ...")
     model, tokenizer = load_model(SMOLLM2_ALIAS, device=device)
     prompt = build_needle_prompt(tokenizer, tokens, depth)
@@ -47,28 +49,31 @@ def run_demo(
          f"needle at depth {depth:.0%}.")
     echo(f"Question: {prompt.question}\n")
 
-    dense_text, dense_time = answer(model, tokenizer, input_ids)
-    dense_ok = prompt.is_correct(dense_text)
-    echo(f"dense  ({dense_time:5.1f} s) [{'correct' if dense_ok else 'wrong'}]: {dense_text}")
-
-    sparsify(model, config)
-    try:
-        sparse_text, sparse_time = answer(model, tokenizer, input_ids)
-        prefill, decode = density(model, "prefill"), density(model, "decode")
-    finally:
-        unsparsify(model)
-    sparse_ok = prompt.is_correct(sparse_text)
-    label = config.method
-    echo(f"{label:6s} ({sparse_time:5.1f} s) [{'correct' if sparse_ok else 'wrong'}]: {sparse_text}")
-    echo(f"\n{label} read {prefill.mean:.1%} of the causal attention in prefill and {decode.mean:.1%} in decode.")
-    echo("Prefill density per layer (%):")
-    echo(prefill.compact())
-    echo("Decode density per layer (%):")
-    echo(decode.compact())
+    text, seconds = answer(model, tokenizer, input_ids)
+    results = {"dense": {"answer": text, "correct": prompt.is_correct(text), "seconds": seconds}}
+    echo(f"{'dense':6s} ({seconds:5.1f} s) [{'correct' if results['dense']['correct'] else 'wrong'}]: {text}")
+    densities = {}
+    for method_config in configs:
+        sparsify(model, method_config)
+        try:
+            text, seconds = answer(model, tokenizer, input_ids)
+            densities[method_config.method] = (density(model, "prefill"), density(model, "decode"))
+        finally:
+            unsparsify(model)
+        prefill, decode = densities[method_config.method]
+        ok = prompt.is_correct(text)
+        results[method_config.method] = {
+            "answer": text, "correct": ok, "seconds": seconds, "prefill_density": prefill.mean,
+            "decode_density": decode.mean, "config": method_config.to_dict(),
+        }
+        echo(f"{method_config.method:6s} ({seconds:5.1f} s) [{'correct' if ok else 'wrong'}]: {text}")
+    for name, (prefill, decode) in densities.items():
+        echo(f"\n{name} read {prefill.mean:.1%} of the causal attention in prefill and {decode.mean:.1%} in decode.")
+        if prefill.mean < 1.0:
+            echo("Prefill density per layer (%):")
+            echo(prefill.compact())
+        echo("Decode density per layer (%):")
+        echo(decode.compact())
     if model.device.type == "cpu":
         echo("\n(On CPU, sparse attention runs the PyTorch reference path: it shows what is read, not speed.)")
-    return {
-        "dense_answer": dense_text, "dense_correct": dense_ok, "dense_seconds": dense_time,
-        "sparse_answer": sparse_text, "sparse_correct": sparse_ok, "sparse_seconds": sparse_time,
-        "prefill_density": prefill.mean, "decode_density": decode.mean, "method": config.to_dict(),
-    }
+    return results
