@@ -68,7 +68,8 @@ def attention_recall(
             logp = block_log_probs(q, w, keys, qpos, bs)
             probs = torch.softmax(logp / temperature, dim=-1)
             keep = _keep_mask(select_blocks(probs, budget, bs, row_first_block=rows, row_last_block=rows), nb)
-            top = torch.zeros_like(keep).scatter(-1, order, torch.arange(nb, device=keep.device) < keep.sum(-1, keepdim=True))
+            ranks = torch.arange(nb, device=keep.device)
+            top = torch.zeros_like(keep).scatter(-1, order, ranks < keep.sum(-1, keepdim=True))
             exact = _keep_mask(select_blocks(teacher, budget, bs, row_first_block=rows, row_last_block=rows), nb)
             a = acc[name]
             a["recall"].append(float(((teacher * keep).sum(-1) / teacher.sum(-1)).mean()))
