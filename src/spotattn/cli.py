@@ -140,11 +140,11 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> torch.Tensor:
 @click.option("--device", default="auto", show_default=True)
 @method_options
 def demo(tokens, depth, device, method, budget, block_size, pairs) -> None:
-    """Needle in a haystack on SmolLM2 (offline): dense against a sparse method, side by side."""
+    """Needle in a haystack on SmolLM2 (offline): dense, the oracle and spot side by side (or --method)."""
     from .demo import run_demo
 
     if method == "dense" and budget is None and block_size is None and not pairs:
-        config = None  # the demo's default sparse method
+        config = None  # the demo default: the oracle and the shipped spot selector
     else:
         config = build_config(method, budget, block_size, pairs)
     run_demo(tokens=tokens, depth=depth, device=device, config=config, echo=click.echo)
