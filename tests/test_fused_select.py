@@ -8,15 +8,11 @@ ties (distinct log-masses spaced far above float rounding), so ids and counts mu
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
+from _interpreter import interpreter_verdicts, print_verdicts
 
 from spotattn.selection import rows_for_decode, select_blocks
 from spotattn.types import Budget, DualTopP, TopK, TopP
@@ -208,33 +204,13 @@ CASES = sorted(interpreter_cases())
 
 @pytest.fixture(scope="module")
 def verdicts() -> dict[str, str | None]:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=300
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreter_verdicts(__file__, timeout=300)
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_fused_select_matches_select_blocks_in_interpreter(verdicts: dict[str, str | None], name: str) -> None:
     assert name in verdicts, f"case {name} did not run"
     assert verdicts[name] is None, verdicts[name]
-
-
-def _worker() -> None:
-    import traceback
-
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    results: dict[str, str | None] = {}
-    for name, run in interpreter_cases().items():
-        try:
-            results[name] = run()
-        except Exception:  # reported per case; the others still run
-            results[name] = traceback.format_exc(limit=6)
-    print(json.dumps(results))
 
 
 # ------------------------------------------------------------------------------------------- GPU
@@ -258,4 +234,4 @@ def test_fused_prep_gpu(fmt: str, groups: int) -> None:
 
 
 if __name__ == "__main__":
-    _worker()
+    print_verdicts(interpreter_cases())
