@@ -119,6 +119,7 @@ def interpreter_cases() -> dict[str, Callable[[], str | None]]:
     for fmt in ("int4", "bf16"):
         for groups in (1, 2):
             cases[f"prep-{fmt}-g{groups}"] = _prep_case(fmt, groups)
+    cases["prep-int4-partial-rope-length-scaling"] = _prep_case("int4", 1, long_context=True)
     cases["static-width"] = _width_case
     return cases
 
@@ -152,7 +153,9 @@ def _width_case() -> str | None:
     return None
 
 
-def _prep_case(fmt: str, groups: int, device: str = "cpu", dim: int = 64) -> Callable[[], str | None]:
+def _prep_case(
+    fmt: str, groups: int, device: str = "cpu", dim: int = 64, long_context: bool = False
+) -> Callable[[], str | None]:
     """The fused selector prep (norm, rope, quantise, cache write) against the PyTorch selector path."""
 
     @torch.no_grad()
@@ -162,8 +165,11 @@ def _prep_case(fmt: str, groups: int, device: str = "cpu", dim: int = 64) -> Cal
         from spotattn.spot.triton_prep import selector_decode_prep
 
         torch.manual_seed(12 + groups)
-        cfg = SelectorConfig(hidden_size=96, num_layers=1, num_heads=4, head_dim=dim, num_groups=groups)
+        extra = {"rope_max_wavelength": 40.0, "length_scaling": True} if long_context else {}
+        cfg = SelectorConfig(hidden_size=96, num_layers=1, num_heads=4, head_dim=dim, num_groups=groups, **extra)
         layer = SelectorLayer(cfg)
+        if long_context:
+            torch.nn.init.constant_(layer.length_gain, 0.3)
         torch.nn.init.normal_(layer.w_proj.weight, std=0.1)
         for norm in (layer.q_norm, layer.k_norm):
             torch.nn.init.normal_(norm.weight, mean=1.0, std=0.2)

@@ -77,6 +77,41 @@ def test_block_distribution_is_sum_of_token_distribution():
     torch.testing.assert_close(block_log_probs(q, w, keys, pos, 16).exp(), expected)
 
 
+def test_rope_max_wavelength_leaves_long_wavelengths_unrotated():
+    from spotattn.spot.selector import inv_frequencies
+
+    full = inv_frequencies(16, 10000.0)
+    cut = inv_frequencies(16, 10000.0, max_wavelength=100.0)
+    short = 2 * math.pi / full <= 100.0
+    assert 0 < int(short.sum()) < 8  # the case cuts some frequencies, not all
+    torch.testing.assert_close(cut[short], full[short])
+    assert (cut[~short] == 0).all()
+    # With every frequency cut, keys and queries no longer depend on the position.
+    model = tiny_llama()
+    layer = Selector(config_for_model(model.config, head_dim=16, rope_max_wavelength=1.0)).layer(0)
+    hidden = torch.randn(1, 5, 64)
+    torch.testing.assert_close(layer.keys(hidden, torch.arange(5)), layer.keys(hidden, torch.arange(5) + 777))
+    with pytest.raises(ValueError, match="rope_max_wavelength"):
+        config_for_model(model.config, rope_max_wavelength=-1.0)
+
+
+def test_length_scaling_multiplies_scores_by_log_position():
+    model = tiny_llama()
+    cfg = config_for_model(model.config, head_dim=16, length_scaling=True)
+    layer = Selector(cfg).layer(0)
+    plain = Selector(config_for_model(model.config, head_dim=16)).layer(0)
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "length_gain"})
+    hidden, pos = torch.randn(2, 20, 64), torch.arange(20)
+    torch.testing.assert_close(layer.queries(hidden, pos)[1], plain.queries(hidden, pos)[1])  # gain starts at 0
+    with torch.no_grad():
+        layer.length_gain.fill_(0.5)
+    expected = plain.queries(hidden, pos)[1] * (1 + 0.5 * torch.log(pos.float() + 1))
+    torch.testing.assert_close(layer.queries(hidden, pos)[1], expected)
+    q, w = layer.queries(hidden, pos)
+    block_log_probs(q, w, layer.keys(hidden, pos), pos, 16)[..., -1, :].sum().backward()
+    assert layer.length_gain.grad is not None and layer.length_gain.grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------ teacher, loss
 
 

@@ -40,6 +40,19 @@ import click
     help="One distribution per kv-group instead of one shared by all heads.",
 )
 @click.option(
+    "--rope-max-wavelength",
+    type=float,
+    default=None,
+    help="Leave RoPE frequencies with a longer wavelength (tokens) unrotated; e.g. the --seq-len, so "
+    "that no unseen angle appears at longer contexts (default: rotate all).",
+)
+@click.option(
+    "--length-scaling/--no-length-scaling",
+    default=False,
+    show_default=True,
+    help="Learn a per-layer gain g: scores x (1 + g log(position + 1)).",
+)
+@click.option(
     "--sparse-kl",
     "sparse_top",
     type=int,
@@ -69,6 +82,8 @@ def train_command(
     num_heads,
     head_dim,
     per_group,
+    rope_max_wavelength,
+    length_scaling,
     sparse_top,
     chunk,
     eval_every,
@@ -97,6 +112,8 @@ def train_command(
         num_heads=num_heads,
         head_dim=head_dim,
         per_group=per_group,
+        rope_max_wavelength=rope_max_wavelength,
+        length_scaling=length_scaling,
         sparse_top=sparse_top,
         chunk=chunk,
         eval_every=eval_every,

@@ -16,6 +16,7 @@ calibrated at the token level, whatever block size inference later groups the to
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -38,6 +39,12 @@ class SelectorConfig:
     block_size: int = 16
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    # Frequencies whose wavelength (tokens) exceeds this are left unrotated (position-free dims). Set it to
+    # the training length: every angle the selector then meets at 8x that length was seen in training.
+    rope_max_wavelength: float | None = None
+    # Multiply the scores of a query at position t by (1 + g * log(t + 1)), g learned per layer, so the
+    # sharpness can follow the number of keys (the softmax over 8x more keys flattens otherwise).
+    length_scaling: bool = False
 
     def __post_init__(self) -> None:
         if self.layer_ids is None:
@@ -49,6 +56,9 @@ class SelectorConfig:
                 raise ValueError(f"SelectorConfig.{name} must be a positive integer, got {value!r}")
         if self.head_dim % 2:
             raise ValueError(f"SelectorConfig.head_dim must be even (RoPE), got {self.head_dim}")
+        mw = self.rope_max_wavelength
+        if mw is not None and (isinstance(mw, bool) or not isinstance(mw, (int, float)) or not mw > 0):
+            raise ValueError(f"SelectorConfig.rope_max_wavelength must be a positive number or None, got {mw!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,9 +72,21 @@ class SelectorConfig:
         return cls(**data)
 
 
-def rope_tables(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def inv_frequencies(
+    dim: int, theta: float, max_wavelength: float | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """RoPE inverse frequencies ``(dim/2,)``, float32; those with a wavelength over ``max_wavelength`` are 0."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    if max_wavelength is not None:
+        inv = torch.where(2 * math.pi / inv > max_wavelength, torch.zeros_like(inv), inv)
+    return inv
+
+
+def rope_tables(
+    positions: torch.Tensor, dim: int, theta: float, max_wavelength: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin ``(L, dim)`` in float32 for the half-split (rotate_half) RoPE convention."""
-    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
+    inv = inv_frequencies(dim, theta, max_wavelength, positions.device)
     angles = positions.float().unsqueeze(-1) * inv
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -89,6 +111,7 @@ class SelectorLayer(nn.Module):
         self.w_proj = nn.Linear(config.hidden_size, config.num_groups * h, bias=True)
         self.q_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.k_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.length_gain = nn.Parameter(torch.zeros(1)) if config.length_scaling else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -100,12 +123,23 @@ class SelectorLayer(nn.Module):
         nn.init.constant_(self.w_proj.bias, 1.0 / self.config.num_heads)
         self.q_norm.reset_parameters()
         self.k_norm.reset_parameters()
+        if self.length_gain is not None:
+            nn.init.zeros_(self.length_gain)  # starts as no scaling; the data decides
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        return rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_max_wavelength)
+
+    def length_factor(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """``(L,)`` multiplier of the scores of queries at ``positions`` (None without length scaling)."""
+        if self.length_gain is None:
+            return None
+        return 1.0 + self.length_gain.float() * torch.log1p(positions.float())
 
     def keys(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Selector keys ``(B, L, d)`` (normed, rotated, float32) for hidden states ``(B, L, hidden)``."""
         k = self.k_norm(self.k_proj(hidden.to(self.k_proj.weight.dtype)).float())
-        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
-        return apply_rope(k, cos, sin)
+        return apply_rope(k, *self.rope(positions))
 
     def queries(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries ``(B, H, L, d)`` and mixing weights ``(B, G, H, L)``, both float32."""
@@ -113,13 +147,13 @@ class SelectorLayer(nn.Module):
         cfg = self.config
         x = hidden.to(self.q_proj.weight.dtype)
         q = self.q_proj(x).float().view(b, length, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        q = self.q_norm(q)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        q = apply_rope(q, cos, sin)
+        q = apply_rope(self.q_norm(q), *self.rope(positions))
         # The score is a dot product of two unit-RMS vectors: divide by sqrt(d) so it is O(1) at init.
         q = q * cfg.head_dim**-0.5
         w = self.w_proj(x).float().view(b, length, cfg.num_groups, cfg.num_heads).permute(0, 2, 3, 1)
-        return q, w
+        factor = self.length_factor(positions)
+        # Scores are linear in w, so scaling w scales them.
+        return q, w if factor is None else w * factor
 
 
 def token_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -204,6 +238,9 @@ def config_for_model(
     head_dim: int | None = None,
     num_groups: int = 1,
     block_size: int = 16,
+    *,
+    rope_max_wavelength: float | None = None,
+    length_scaling: bool = False,
 ) -> SelectorConfig:
     """A selector config for a Hugging Face text config (full-attention layers only)."""
     text = (
@@ -230,6 +267,8 @@ def config_for_model(
         block_size=block_size,
         rope_theta=theta,
         norm_eps=float(getattr(text, "rms_norm_eps", 1e-6)),
+        rope_max_wavelength=rope_max_wavelength,
+        length_scaling=length_scaling,
     )
 
 
@@ -243,6 +282,7 @@ __all__ = [
     "causal_allowed",
     "config_for_model",
     "default_shape",
+    "inv_frequencies",
     "rope_tables",
     "token_scores",
 ]

@@ -318,6 +318,8 @@ class TrainConfig:
     num_heads: int | None = None
     head_dim: int | None = None
     per_group: bool = False  # one distribution per kv-group instead of one shared
+    rope_max_wavelength: float | None = None  # see SelectorConfig
+    length_scaling: bool = False  # see SelectorConfig
     sparse_top: int | None = None  # blocks; None = dense KL
     chunk: int = 256
     eval_every: int = 50
@@ -391,7 +393,14 @@ def train(
         raise ValueError(f"{cfg.model} has no tokenizer; distillation needs real text and a real model")
     torch.manual_seed(cfg.seed)
     groups = model.config.get_text_config(decoder=True).num_key_value_heads if cfg.per_group else 1
-    sel_cfg = config_for_model(model.config, cfg.num_heads, cfg.head_dim, groups)
+    sel_cfg = config_for_model(
+        model.config,
+        cfg.num_heads,
+        cfg.head_dim,
+        groups,
+        rope_max_wavelength=cfg.rope_max_wavelength,
+        length_scaling=cfg.length_scaling,
+    )
     selector = Selector(sel_cfg).to(device)
     optim = torch.optim.AdamW(
         selector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .selector import SelectorLayer
+from .selector import SelectorLayer, inv_frequencies
 
 FUSED_FORMATS = ("bf16", "int4")
 _INV_FREQ: dict[tuple[str, int, float], torch.Tensor] = {}
@@ -132,11 +132,11 @@ def fused_prep_supported(layer: SelectorLayer, fmt: str, hidden: torch.Tensor) -
     return fmt in FUSED_FORMATS and hidden.shape[1] == 1 and d % 64 == 0 and (d & (d - 1)) == 0
 
 
-def _inv_freq(device: torch.device, dim: int, theta: float) -> torch.Tensor:
+def _inv_freq(device: torch.device, dim: int, theta: float, max_wavelength: float | None) -> torch.Tensor:
     # Built exactly as rope_tables builds it; cached (a graph capture must not allocate it).
-    key = (str(device), dim, theta)
+    key = (str(device), dim, theta, max_wavelength)
     if key not in _INV_FREQ:
-        _INV_FREQ[key] = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+        _INV_FREQ[key] = inv_frequencies(dim, theta, max_wavelength, device)
     return _INV_FREQ[key]
 
 
@@ -167,7 +167,7 @@ def selector_decode_prep(
         wl,
         layer.q_norm.weight,
         layer.k_norm.weight,
-        _inv_freq(hidden.device, d, cfg.rope_theta),
+        _inv_freq(hidden.device, d, cfg.rope_theta, cfg.rope_max_wavelength),
         positions,
         q,
         w,
@@ -189,4 +189,5 @@ def selector_decode_prep(
         HALF=d // 2,
         num_warps=4,
     )
-    return q, w
+    factor = layer.length_factor(positions)
+    return q, w if factor is None else w * factor
