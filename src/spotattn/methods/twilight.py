@@ -193,20 +193,30 @@ class Twilight(Method):
             return None
         (kmin, kmax), quantized = self._metadata(call)
         candidates = quest_candidates(call, kmin, kmax, cfg.candidates, cfg.block_size, cfg.granularity)
-        if cfg.p >= 1.0:  # nothing to prune (and no page lost to a softmax that underflows to zero)
-            return mask_to_selection(candidates, cfg.block_size)
-        mass = estimated_page_mass(call, candidates, quantized, cfg.quant_bits, cfg.block_size)
-        hkv = call.key.shape[1]
-        if cfg.granularity == "group":
-            b, hq, _, n = mass.shape
-            mass = mass.view(b, hkv, hq // hkv, 1, n).sum(2)
-        first, last = rows_for_decode(call.num_queries, call.num_keys, cfg.block_size, call.query.device)
-        pruned = select_blocks(
-            mass, TopP(cfg.p), cfg.block_size, row_first_block=first, row_last_block=last,
-            seq_start=call.seq_start,
-        )
-        keep = selection_mask(pruned, mass.shape[-1])
-        if cfg.granularity == "head":
-            keep = group_union(keep, hkv)
-        # Forced pages are Quest candidates too, so the intersection keeps them.
-        return mask_to_selection(keep & candidates, cfg.block_size)
+        return mask_to_selection(prune_candidates(call, candidates, quantized, cfg), cfg.block_size)
+
+
+def prune_candidates(
+    call: AttentionCall,
+    candidates: torch.Tensor,
+    quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cfg: TwilightConfig,
+) -> torch.Tensor:
+    """Bool ``(B, Hkv, 1, NP)``: the Quest ``candidates`` that hold ``cfg.p`` of the estimated attention
+    mass (steps 2 and 3), the sink and newest pages kept."""
+    if cfg.p >= 1.0:  # nothing to prune (and no page lost to a softmax that underflows to zero)
+        return candidates
+    mass = estimated_page_mass(call, candidates, quantized, cfg.quant_bits, cfg.block_size)
+    hkv = call.key.shape[1]
+    if cfg.granularity == "group":
+        b, hq, _, n = mass.shape
+        mass = mass.view(b, hkv, hq // hkv, 1, n).sum(2)
+    first, last = rows_for_decode(call.num_queries, call.num_keys, cfg.block_size, call.query.device)
+    pruned = select_blocks(
+        mass, TopP(cfg.p), cfg.block_size, row_first_block=first, row_last_block=last, seq_start=call.seq_start,
+    )
+    keep = selection_mask(pruned, mass.shape[-1])
+    if cfg.granularity == "head":
+        keep = group_union(keep, hkv)
+    # Forced pages are Quest candidates too, so the intersection keeps them.
+    return keep & candidates
