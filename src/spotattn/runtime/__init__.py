@@ -7,6 +7,7 @@ decode step has no host synchronisation and can be captured once in a ``torch.cu
 replayed for every following token (``GraphDecoder``).
 """
 
+from . import quest_twilight  # noqa: F401 (registers the quest and twilight static decoders)
 from .graph_decode import GraphDecoder, prefill_to_static
 from .select import select_decode_static
 from .static_cache import StaticSparseCache, StaticSparseLayer

@@ -8,7 +8,8 @@ device counter, metadata is written in place, and attention runs through the pag
 
 A method runs here only if it has a *static decoder* (``register_static_decoder``): a function that
 returns a :class:`Selection` (or None for dense) without host synchronisation. ``dense`` and ``spot`` have
-one; other methods raise a clear error.
+one, and ``quest`` and ``twilight`` (:mod:`spotattn.runtime.quest_twilight`); other methods raise a clear
+error.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class DecodeContext:
     seq_len: torch.Tensor  # 0-dim device tensor: keys that exist, the T new ones included
     positions: torch.Tensor  # (T,) absolute positions of the new tokens
     seq_start: torch.Tensor | None
+    scale: float | None = None  # the attention's softmax scale (methods that estimate attention need it)
 
     @property
     def layer_idx(self) -> int:
@@ -68,7 +70,7 @@ def static_decode(
     b, _, t, _ = q.shape
     seq_len = cache.length(state.layer_idx)
     positions = seq_len - t + torch.arange(t, device=q.device)
-    ctx = DecodeContext(cache, state, q, seq_len, positions, seq_start)
+    ctx = DecodeContext(cache, state, q, seq_len, positions, seq_start, scale)
     with torch.no_grad():
         selection = decoder(ctx)
     state.last_selection = selection
