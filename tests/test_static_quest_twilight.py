@@ -99,6 +99,32 @@ def test_static_decode_refuses_head_granularity() -> None:
         GraphDecoder(model, static).step_eager(torch.tensor([3]))
 
 
+def test_bench_baseline_layer_and_table_on_cpu(monkeypatch) -> None:
+    """``bench decode``'s one-layer Twilight/Quest figures: the plumbing, eagerly on CPU (timing stubbed)."""
+    from types import SimpleNamespace
+
+    from spotattn.bench import decode as bench
+    from spotattn.runtime import StaticSparseCache
+
+    monkeypatch.setattr(bench, "_graph", lambda fn: SimpleNamespace(replay=fn))
+    monkeypatch.setattr(bench, "_median_ms", lambda fn, iters: fn() or 0.5)
+    model = tiny_llama()
+    cache = StaticSparseCache(model.config, batch_size=2, capacity=9000, device="cpu", dtype=torch.float32)
+    bench._fill_static(cache, 8999)
+    row = {"batch": 2, "context": 8999, "layer_dense_sdpa_ms": 1.0, "layer_spot_step_ms": 0.25}
+    row.update(bench._baseline_layer(model, cache, 8999, 2, 1, bench.BASELINES))
+    assert row["layer_twilight_candidate_tokens"] == 8192 and row["layer_quest_tokens_read"] == 4096
+    assert 16 <= row["layer_twilight_tokens_read"] <= 8192
+    bench._ratios(row)
+    assert row["layer_twilight_speedup_vs_sdpa"] == 2.0 and row["layer_spot_speedup_vs_twilight"] == 2.0
+    header = {"device": "cpu", "torch": "x", "shape": "tiny", "budget": "topk:4096", "key_format": "int4",
+              "selector_bytes_per_token": 36, "bandwidth_tb_s": 3.0}
+    text = bench.markdown({**header, "baselines": bench._baseline_configs(bench.BASELINES), "rows": [row]})
+    assert "| twilight selection |" in text and "top-p 0.85" in text and "/ 8192 |" in text
+    skipped = bench.markdown({**header, "baselines": {}, "rows": [{"batch": 1, "context": 8}]})
+    assert "twilight selection" not in skipped
+
+
 # ----------------------------------------------------------------------------- Triton path vs reference
 
 

@@ -10,9 +10,17 @@ per (batch, context), all in one process on the same model:
   decode kernel over every block up to the current length, the whole step replayed from a CUDA graph;
 - ``spot``: the ``spot`` method (random selector, ``--budget``, ``--key-format`` selector keys) in the
   same static cache and graph;
+- ``twilight`` (with ``--baselines`` naming it): the ``twilight`` method, defaults (first two layers dense),
+  in the same static cache and graph;
 - one layer's step (layer 0's shapes) timed alone from CUDA graphs: dense SDPA decode on exact-length
   K/V, our dense kernel, spot's selection (selector projections, key write, fused scoring, selection),
-  sparse attention, and selection + attention.
+  sparse attention, and selection + attention;
+- the training-free baselines on the same layer (``--baselines``, both by default), with the methods'
+  default settings and their sync-free path (``spotattn.runtime.quest_twilight``), also from CUDA graphs:
+  Twilight's selection (metadata write for the new token, Quest bounds of every page, top 8192 candidate
+  tokens, 4-bit estimate over the candidates, top-p 0.85), its sparse attention and both; Quest's
+  selection (metadata write, bounds, top 4096 tokens). Random keys make attention nearly uniform, so
+  Twilight's top-p keeps most of its candidates: its tokens read are reported beside the candidate budget.
 
 Every figure is a median of CUDA-event timings. Floors are bytes that must be read over ``--bandwidth``
 (measured device-to-device copy rate): weights plus the K/V read (dense: all of it; spot: the selected
@@ -201,6 +209,66 @@ def _spot_layer(
     return out
 
 
+BASELINES = ("twilight", "quest")
+
+
+def _baseline_layer(model, cache, ctx: int, batch: int, iters: int, baselines: tuple[str, ...]) -> dict:
+    """Twilight's and Quest's step on layer 0's K/V (methods' defaults), each part from its own CUDA graph.
+
+    The page metadata is built once from the random keys, as a prefill leaves it; every timed selection then
+    rewrites the newest page's bounds (and, for Twilight, quantises the newest key), as a decode step does.
+    """
+    from ..methods.quest import QuestConfig
+    from ..methods.twilight import TwilightConfig
+    from ..runtime.decode_path import _attend
+    from ..runtime.quest_twilight import quest_select, static_meta, triton_available, twilight_select, update_meta
+
+    text = model.config.get_text_config(decoder=True)
+    dev = cache.layers[0].keys.device
+    q = torch.randn(batch, text.num_attention_heads, 1, text.head_dim, device=dev, dtype=cache.layers[0].keys.dtype)
+    scale = text.head_dim**-0.5
+    seq_len = torch.tensor(ctx + 1, device=dev)
+    keys = cache.layers[0].keys
+    twilight, quest = TwilightConfig(), QuestConfig()
+    page, bits = twilight.block_size, twilight.quant_bits
+    fast = triton_available(dev)
+    meta = static_meta(cache, 0, page, bits)
+    out: dict = {}
+    held: dict = {}
+
+    def tokens(sel) -> float:
+        return float(sel.counts.float().mean()) * sel.block_size
+
+    def select() -> None:
+        update_meta(keys, meta, seq_len, page, bits, fast)
+        held["sel"] = twilight_select(q, keys, meta, seq_len, twilight, scale, None, fast)
+
+    def attend() -> None:
+        sel = held["sel"]
+        _attend(cache, 0, q, sel.block_ids[:, :, 0], sel.counts[:, :, 0], page, scale, None, seq_len)
+
+    def both() -> None:
+        select()
+        attend()
+
+    def quest_only() -> None:
+        update_meta(keys, meta, seq_len, page, None, fast)
+        held["quest"] = quest_select(q, keys, meta, seq_len, quest.budget, page, None, fast)
+
+    if "twilight" in baselines:
+        out["layer_twilight_select_ms"] = _median_ms(_graph(select).replay, iters)
+        out["layer_twilight_attn_ms"] = _median_ms(_graph(attend).replay, iters)
+        out["layer_twilight_step_ms"] = _median_ms(_graph(both).replay, iters)
+        out["layer_twilight_tokens_read"] = tokens(held["sel"])
+        out["layer_twilight_candidate_tokens"] = tokens(
+            quest_select(q, keys, meta, seq_len, twilight.candidates, page, None, fast)
+        )
+    if "quest" in baselines:
+        out["layer_quest_select_ms"] = _median_ms(_graph(quest_only).replay, iters)
+        out["layer_quest_tokens_read"] = tokens(held["quest"])
+    return out
+
+
 def run(
     shape: str,
     contexts: list[int],
@@ -213,10 +281,12 @@ def run(
     log: Callable[[str], None] = print,
     on_row: Callable[[dict], None] | None = None,
     profile_dir: Path | None = None,
+    baselines: tuple[str, ...] = BASELINES,
 ) -> dict:
     from .. import sparsify, unsparsify
     from ..cli import parse_budget
     from ..methods.spot import SpotConfig
+    from ..methods.twilight import TwilightConfig
     from ..models import random_model
     from ..runtime import GraphDecoder, StaticSparseCache
     from ..spot.quant import bytes_per_token, quantize
@@ -247,6 +317,7 @@ def run(
         "key_format": key_format,
         "selector_bytes_per_token": sel_bytes,
         "bandwidth_tb_s": bandwidth,
+        "baselines": _baseline_configs(baselines),
         "rows": [],
     }
     for batch in batches:
@@ -274,7 +345,10 @@ def run(
                 model.config, batch_size=batch, capacity=ctx + 128, device=dev, dtype=model.dtype, track_density=False
             )
             _fill_static(cache, ctx)
-            for name, config in (("dense", "dense"), ("spot", spot_config)):
+            variants: list[tuple[str, object]] = [("dense", "dense"), ("spot", spot_config)]
+            if "twilight" in baselines:  # the whole model too (first two layers dense, as in Twilight)
+                variants.append(("twilight", TwilightConfig()))
+            for name, config in variants:
                 try:
                     sparsify(model, config)
                     if name == "spot":
@@ -282,13 +356,19 @@ def run(
                     decoder = GraphDecoder(model, cache)
                     row[f"{name}_ms"], row[f"{name}_graph_vs_eager_max_abs"] = _whole_model(decoder, cache, ctx, iters)
                     prof = profile_dir / f"select_b{batch}_{ctx}.txt" if profile_dir and name == "spot" else None
-                    row.update(_layer_figures(model, cache, ctx, batch, iters, spot=name == "spot", profile_to=prof))
+                    if name != "twilight":  # its one-layer figures come from _baseline_layer
+                        row.update(_layer_figures(model, cache, ctx, batch, iters, name == "spot", prof))
                     del decoder
                 except Exception as exc:  # noqa: BLE001
                     row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
                 finally:
                     unsparsify(model)
                 torch.cuda.empty_cache()
+            if baselines:
+                try:
+                    row.update(_baseline_layer(model, cache, ctx, batch, iters, baselines))
+                except Exception as exc:  # noqa: BLE001
+                    row["baselines_error"] = f"{type(exc).__name__}: {exc}"[:300]
             del cache
             torch.cuda.empty_cache()
             _ratios(row)
@@ -317,10 +397,21 @@ def _ratios(row: dict) -> None:
     ratio("hf_ms", "dense_ms", "dense_speedup_vs_hf")
     ratio("hf_ms", "spot_ms", "spot_speedup_vs_hf")
     ratio("dense_ms", "spot_ms", "spot_speedup_vs_dense")
+    ratio("twilight_ms", "spot_ms", "spot_speedup_vs_twilight")
     ratio("dense_ms", "floor_dense_ms", "dense_over_floor")
     ratio("spot_ms", "floor_spot_ms", "spot_over_floor")
     ratio("layer_dense_sdpa_ms", "layer_spot_step_ms", "layer_spot_speedup_vs_sdpa")
     ratio("layer_dense_ours_ms", "layer_spot_step_ms", "layer_spot_speedup_vs_ours_dense")
+    ratio("layer_dense_sdpa_ms", "layer_twilight_step_ms", "layer_twilight_speedup_vs_sdpa")
+    ratio("layer_twilight_step_ms", "layer_spot_step_ms", "layer_spot_speedup_vs_twilight")
+
+
+def _baseline_configs(baselines: tuple[str, ...]) -> dict:
+    from ..methods.quest import QuestConfig
+    from ..methods.twilight import TwilightConfig
+
+    configs = {"twilight": TwilightConfig(), "quest": QuestConfig()}
+    return {name: configs[name].to_dict() for name in baselines}
 
 
 def _cell(row: dict, key: str, fmt: str = "{:.2f}") -> str:
@@ -337,18 +428,19 @@ def markdown(report: dict) -> str:
         "Times are ms per step (medians).",
         "",
         "| B | context | plain HF | ours dense (graph) | spot (graph) | floor dense | floor spot | "
-        "spot vs HF | spot vs ours dense | dense vs HF |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "spot vs HF | spot vs ours dense | dense vs HF | twilight (graph) | spot vs twilight |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         if "skipped" in row:
-            lines.append(f"| {row['batch']} | {row['context']} | skipped: {row['skipped']} |||||||| |")
+            lines.append(f"| {row['batch']} | {row['context']} | skipped: {row['skipped']} |||||||||| |")
             continue
         lines.append(
             f"| {row['batch']} | {row['context']} | {_cell(row, 'hf_ms')} | {_cell(row, 'dense_ms')} | "
             f"{_cell(row, 'spot_ms')} | {_cell(row, 'floor_dense_ms')} | {_cell(row, 'floor_spot_ms')} | "
             f"{_cell(row, 'spot_speedup_vs_hf')}x | {_cell(row, 'spot_speedup_vs_dense')}x | "
-            f"{_cell(row, 'dense_speedup_vs_hf')}x |"
+            f"{_cell(row, 'dense_speedup_vs_hf')}x | {_cell(row, 'twilight_ms')} | "
+            f"{_cell(row, 'spot_speedup_vs_twilight')}x |"
         )
     lines += [
         "",
@@ -367,10 +459,43 @@ def markdown(report: dict) -> str:
             f"{_cell(row, 'layer_spot_attn_ms', '{:.3f}')} | {_cell(row, 'layer_spot_step_ms', '{:.3f}')} | "
             f"{_cell(row, 'layer_spot_tokens_read', '{:.0f}')} | {_cell(row, 'layer_spot_speedup_vs_sdpa')}x |"
         )
+    if any("layer_twilight_step_ms" in r or "layer_quest_select_ms" in r for r in report["rows"]):
+        lines += _baseline_table(report)
     errors = [(r["batch"], r["context"], k, v) for r in report["rows"] for k, v in r.items() if k.endswith("_error")]
     if errors:
         lines += ["", "Errors:", ""] + [f"- B={b} ctx={c} {k}: {v}" for b, c, k, v in errors]
     return "\n".join(lines) + "\n"
+
+
+def _baseline_table(report: dict) -> list[str]:
+    configs = report.get("baselines", {})
+    tw, qu = configs.get("twilight", {}), configs.get("quest", {})
+    lines = [
+        "",
+        "Training-free baselines, one layer (same shapes, each part replayed from a CUDA graph; selection "
+        "includes the metadata write for the new token), ms. "
+        f"Twilight: Quest candidates `{tw.get('candidates')}`, {tw.get('quant_bits')}-bit estimate, "
+        f"top-p {tw.get('p')}, {tw.get('block_size')}-token pages; Quest: `{qu.get('budget')}`. "
+        "Random keys make attention nearly uniform, so Twilight's top-p keeps most of its candidates "
+        "(tokens read: kept / candidates); on real attention it keeps far fewer.",
+        "",
+        "| B | context | twilight selection | twilight attention | twilight both | tokens read (kept / candidates) | "
+        "twilight vs SDPA | spot both | spot vs twilight | quest selection | quest tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        if "skipped" in row:
+            continue
+        lines.append(
+            f"| {row['batch']} | {row['context']} | {_cell(row, 'layer_twilight_select_ms', '{:.3f}')} | "
+            f"{_cell(row, 'layer_twilight_attn_ms', '{:.3f}')} | {_cell(row, 'layer_twilight_step_ms', '{:.3f}')} | "
+            f"{_cell(row, 'layer_twilight_tokens_read', '{:.0f}')} / "
+            f"{_cell(row, 'layer_twilight_candidate_tokens', '{:.0f}')} | "
+            f"{_cell(row, 'layer_twilight_speedup_vs_sdpa')}x | {_cell(row, 'layer_spot_step_ms', '{:.3f}')} | "
+            f"{_cell(row, 'layer_spot_speedup_vs_twilight')}x | {_cell(row, 'layer_quest_select_ms', '{:.3f}')} | "
+            f"{_cell(row, 'layer_quest_tokens_read', '{:.0f}')} |"
+        )
+    return lines
 
 
 def _ints(text: str) -> list[int]:
@@ -389,6 +514,13 @@ def _ints(text: str) -> list[int]:
 @click.option("--bandwidth", default=3.0, show_default=True, help="memory bandwidth for the floors, TB/s")
 @click.option("--skip-hf", is_flag=True, help="skip the plain Hugging Face baseline")
 @click.option("--profile", is_flag=True, help="also write a kernel profile of spot's selection per row")
+@click.option(
+    "--baselines",
+    default=",".join(BASELINES),
+    show_default=True,
+    help="training-free methods timed beside spot, comma-separated ('' for none): twilight (one layer and the "
+    "whole model), quest (one layer's selection)",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench_out/decode"), show_default=True)
 def decode_command(
     shape: str,
@@ -400,9 +532,14 @@ def decode_command(
     bandwidth: float,
     skip_hf: bool,
     profile: bool,
+    baselines: str,
     out: Path,
 ) -> None:
     """Whole-model decode step: plain HF vs spotattn dense and sparse, in CUDA graphs."""
+    chosen = tuple(name.strip() for name in baselines.split(",") if name.strip())
+    unknown = sorted(set(chosen) - set(BASELINES))
+    if unknown:
+        raise click.BadParameter(f"unknown {unknown}; allowed: {', '.join(BASELINES)}", param_hint="--baselines")
     out.mkdir(parents=True, exist_ok=True)
 
     def save(report: dict) -> None:  # after every row, so that an interrupted run keeps what it measured
@@ -410,7 +547,8 @@ def decode_command(
         (out / "decode.md").write_text(markdown(report))
 
     report = run(shape, _ints(contexts), _ints(batches), budget_text, key_format, iters, bandwidth, skip_hf,
-                 log=lambda s: click.echo(s, err=True), on_row=save, profile_dir=out if profile else None)
+                 log=lambda s: click.echo(s, err=True), on_row=save, profile_dir=out if profile else None,
+                 baselines=chosen)
     save(report)
     click.echo(markdown(report))
 
