@@ -146,11 +146,16 @@ def sparse_decode_ref(
     *,
     scale: float | None = None,
     seq_start: torch.Tensor | None = None,
+    seq_len: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """1..T new queries (the last T positions) against the key blocks ``block_ids[b, g, :counts[b, g]]``.
 
     ``block_ids`` is ``(B, G, K)`` and ``counts`` ``(B, G)``, G being Hkv or 1. The T queries share the
     list; each still sees only keys at or before its own position.
+
+    ``seq_len`` (a 0-dim integer tensor) places the queries at ``seq_len - T .. seq_len - 1`` instead of
+    at the end of ``k``: keys past it are never read. It lets ``k``/``v`` be a whole static buffer whose
+    live length sits on the device, with no host read of it (so the call also traces under torch.compile).
     """
     b, hq, t, d = check_attention_inputs(q, k, v, seq_start)
     hkv, lk = k.shape[1], k.shape[2]
@@ -159,7 +164,8 @@ def sparse_decode_ref(
     group = hq // hkv
     tokens, valid = _selected_tokens(block_ids, counts, block_size, lk)
     ks, vs = _gather_blocks(k, tokens), _gather_blocks(v, tokens)
-    qpos = (torch.arange(t, device=q.device) + lk - t).repeat(group)
+    end = lk if seq_len is None else seq_len.reshape(()).long()
+    qpos = (torch.arange(t, device=q.device) + end - t).repeat(group)
     start = seq_start.view(b, 1, 1, 1) if seq_start is not None else 0
     tok = tokens.expand(b, hkv, -1).unsqueeze(2)
     allowed = valid.expand(b, hkv, -1).unsqueeze(2) & (tok <= qpos.view(1, 1, -1, 1)) & (tok >= start)

@@ -10,10 +10,20 @@ A method runs here only if it has a *static decoder* (``register_static_decoder`
 returns a :class:`Selection` (or None for dense) without host synchronisation. ``dense`` and ``spot`` have
 one, and ``quest`` and ``twilight`` (:mod:`spotattn.runtime.quest_twilight`); other methods raise a clear
 error.
+
+Under ``torch.compile`` (``GraphDecoder(..., compile=True)``) a static decoder is not traced: it runs
+behind one opaque custom op, ``spotattn::static_select``, so that its own launches (Triton kernels called
+from Python, lazily loaded selectors, metadata writes) stay exactly as in eager mode while inductor fuses
+the model's elementwise work around it. The op finds the decoder through an integer handle, and its fake
+implementation takes the output shapes recorded by an eager step on the same cache, which must run first
+(``GraphDecoder`` does it). Everything it reads that the compiled graph may have changed (the length
+counter, the hidden states) is passed as an argument, never read from the cache object.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,11 +79,14 @@ def static_decode(
         )
     b, _, t, _ = q.shape
     seq_len = cache.length(state.layer_idx)
-    positions = seq_len - t + torch.arange(t, device=q.device)
-    ctx = DecodeContext(cache, state, q, seq_len, positions, seq_start, scale)
-    with torch.no_grad():
-        selection = decoder(ctx)
-    state.last_selection = selection
+    if torch.compiler.is_compiling():
+        selection = _select_opaque(cache, state, q, seq_len, seq_start, scale)
+    else:
+        positions = seq_len - t + torch.arange(t, device=q.device)
+        with torch.no_grad():
+            selection = decoder(DecodeContext(cache, state, q, seq_len, positions, seq_start, scale))
+        _remember(cache, state, selection)
+        state.last_selection = selection
     if selection is None:
         bs = DENSE_BLOCK_SIZE
         ids = cache.all_blocks(bs).view(1, 1, -1).expand(b, 1, -1)
@@ -97,11 +110,12 @@ def _attend(cache, layer_idx, q, ids, counts, block_size, scale, seq_start, seq_
             q, k_pages, v_pages, table, seq_lens, ids, counts, block_size, scale=scale, seq_start=seq_start
         )
         return out
-    # CPU: the reference kernel on the live prefix (a host read of the length is free here).
-    n = int(seq_len)
+    # CPU: the reference kernel on the whole buffer, the length taken from the device counter as on CUDA
+    # (no host read, so the step also traces under torch.compile).
     layer = cache.layers[layer_idx]
-    k, v = layer.keys[:, :, :n], layer.values[:, :, :n]
-    out, _ = kernels.sparse_decode(q, k, v, ids, counts, block_size, scale=scale, seq_start=seq_start)
+    out, _ = kernels.reference.sparse_decode_ref(
+        q, layer.keys, layer.values, ids, counts, block_size, scale=scale, seq_start=seq_start, seq_len=seq_len
+    )
     return out
 
 
@@ -117,6 +131,104 @@ def _record(state, counts, block_size, seq_len, seq_start, batch) -> None:
             store["decode"] = value.clone() if current is None else current + value
         else:
             store["decode"].add_(value)
+
+
+# ------------------------------------------------------------------- the opaque selection under compile
+
+
+@dataclass
+class _Slot:
+    """One (cache, layer) pair the opaque op can run: weak references, so a dropped cache is freed."""
+
+    cache: weakref.ref
+    state: weakref.ref
+    # What the layer's decoder returned in the last eager step: None (dense) or
+    # (ids shape, ids dtype, counts shape, counts dtype, block size).
+    spec: tuple | None = None
+    recorded: bool = False
+
+
+_SLOTS: dict[int, _Slot] = {}
+_HANDLES = itertools.count()
+
+
+def _slot_handle(cache: StaticSparseCache, state) -> int | None:
+    handle = cache._select_slots.get(state.layer_idx)
+    if handle is not None and handle in _SLOTS and _SLOTS[handle].state() is state:
+        return handle
+    return None
+
+
+def _remember(cache: StaticSparseCache, state, selection: Selection | None) -> None:
+    """Record the layout of the layer's selection, for the fake implementation of the opaque op."""
+    handle = _slot_handle(cache, state)
+    if handle is None:
+        for dead in [h for h, slot in _SLOTS.items() if slot.cache() is None or slot.state() is None]:
+            del _SLOTS[dead]
+        handle = next(_HANDLES)
+        _SLOTS[handle] = _Slot(weakref.ref(cache), weakref.ref(state))
+        cache._select_slots[state.layer_idx] = handle
+    slot = _SLOTS[handle]
+    if selection is None:
+        slot.spec = None
+    else:
+        ids, counts = selection.block_ids, selection.counts
+        slot.spec = (tuple(ids.shape), ids.dtype, tuple(counts.shape), counts.dtype, selection.block_size)
+    slot.recorded = True
+
+
+def _select_opaque(
+    cache: StaticSparseCache, state, q: torch.Tensor, seq_len: torch.Tensor, seq_start: torch.Tensor | None,
+    scale: float | None,
+) -> Selection | None:
+    """The layer's selection inside a compiled region: None for a dense layer, else the opaque op."""
+    handle = _slot_handle(cache, state)
+    if handle is None or not _SLOTS[handle].recorded:
+        raise RuntimeError(
+            "compiling a decode step on a StaticSparseCache needs one eager step on that cache first (it records "
+            "each layer's selection layout and allocates lazy buffers); GraphDecoder(compile=True) does this"
+        )
+    spec = _SLOTS[handle].spec
+    if spec is None:
+        return None
+    ids, counts = torch.ops.spotattn.static_select(q, state.hidden_states, seq_len, seq_start, scale, handle)
+    return Selection(ids, counts, spec[4])
+
+
+@torch.library.custom_op("spotattn::static_select", mutates_args=())
+def _static_select_op(
+    query: torch.Tensor,
+    hidden: torch.Tensor | None,
+    seq_len: torch.Tensor,
+    seq_start: torch.Tensor | None,
+    scale: float | None,
+    handle: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    slot = _SLOTS[handle]
+    cache, state = slot.cache(), slot.state()
+    if cache is None or state is None:
+        raise RuntimeError("spotattn::static_select: the cache or the sparsified model of this step is gone")
+    t = query.shape[2]
+    positions = seq_len - t + torch.arange(t, device=query.device)
+    # The compiled graph hands the layer's hidden states over as an argument; decoders read the state's.
+    saved, state.hidden_states = state.hidden_states, hidden
+    try:
+        with torch.no_grad():
+            selection = _DECODERS[state.method.config.method](
+                DecodeContext(cache, state, query, seq_len, positions, seq_start, scale)
+            )
+    finally:
+        state.hidden_states = saved
+    if selection is None:
+        raise RuntimeError("spotattn::static_select: the decoder returned None where an eager step selected blocks")
+    # Fresh, contiguous outputs: the layout the fake implementation promises, aliasing no input.
+    return selection.block_ids.contiguous(), selection.counts.contiguous()
+
+
+@_static_select_op.register_fake
+def _static_select_fake(query, hidden, seq_len, seq_start, scale, handle):
+    ids_shape, ids_dtype, counts_shape, counts_dtype, _ = _SLOTS[handle].spec
+    return query.new_empty(ids_shape, dtype=ids_dtype), query.new_empty(counts_shape, dtype=counts_dtype)
 
 
 # ------------------------------------------------------------------------------------ static decoders

@@ -13,9 +13,29 @@ Usage (a sparsified model, CUDA)::
 Everything the step needs is on the device: the token in a static input buffer, the position from the
 cache's length counter (read inside the graph, advanced by the cache writes inside the graph). So a
 replay is one launch from the host for all layers and the host never waits.
+
+``GraphDecoder(model, cache, compile=True)`` compiles the step with ``torch.compile`` (inductor, one full
+graph, static shapes) before capturing it, so that each layer's elementwise work (RMSNorm, rotary, q/k
+norms, SiLU * mul, residual adds: tens of small kernels per layer) fuses into a few kernels. What stays
+outside the compiled region:
+
+- the capture itself (``torch.cuda.graph`` wraps the compiled call; nothing compiles inside a capture:
+  compilation runs in the warm-up, and the capture runs under ``fail_on_recompile``);
+- one plain eager step before compiling: it allocates what the decode path creates lazily (page tables,
+  selector key buffers, density counters) and records each layer's selection layout;
+- attention and selection, as opaque custom ops (``spotattn::sparse_decode_paged``,
+  ``spotattn::static_select``): inductor calls them, it does not trace into them;
+- moving the length counter between steps (``StaticSparseCache.set_length``). The cache writes of the
+  step itself (new K/V, the counter's advance) are inside: inductor writes them in place into the static
+  buffers (they are mutated graph inputs).
 """
 
 from __future__ import annotations
+
+import gc
+import time
+import types
+from collections.abc import Callable
 
 import torch
 
@@ -48,15 +68,38 @@ def prefill_to_static(
 
 
 class GraphDecoder:
-    """One decode step of ``model`` on ``cache``: :meth:`step_eager`, or :meth:`capture` then :meth:`step`."""
+    """One decode step of ``model`` on ``cache``: :meth:`step_eager`, or :meth:`capture` then :meth:`step`.
 
-    def __init__(self, model: torch.nn.Module, cache: StaticSparseCache) -> None:
+    ``compile=True``: the step is compiled with ``torch.compile`` before :meth:`capture` (see the module
+    doc); :meth:`step_compiled` runs the compiled step without a graph (any device, CPU included).
+    ``compile_mode`` is passed to ``torch.compile``; modes that build their own CUDA graphs
+    ("reduce-overhead", "max-autotune") are refused, since the decoder captures the step itself.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, cache: StaticSparseCache, *, compile: bool = False,
+        compile_mode: str | None = None,
+    ) -> None:
         self.model = model
         self.cache = cache
         batch = cache.layers[0].keys.shape[0]
         self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=cache.layers[0].keys.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.compile_seconds: float | None = None  # first compiled call: tracing, inductor, one run
+        self._compiled: Callable[[GraphDecoder], torch.Tensor] | None = None
+        if compile:
+            if compile_mode in ("reduce-overhead", "max-autotune"):
+                raise ValueError(
+                    f"compile_mode {compile_mode!r} captures CUDA graphs of its own; GraphDecoder captures the "
+                    "step itself: use the default mode or 'max-autotune-no-cudagraphs'"
+                )
+            # fullgraph: a graph break would silently split the fusion; dynamic=False: one static graph
+            # per (batch, capacity), never re-traced with symbolic shapes.
+            # Unbound (called with self): a bound method here would tie the decoder in a reference cycle, and
+            # its cache and graph memory would outlive it until the next garbage collection.
+            self._compiled = torch.compile(_own_code(GraphDecoder._forward), fullgraph=True, dynamic=False,
+                                           mode=compile_mode)
 
     def _forward(self) -> torch.Tensor:
         batch = self.input_ids.shape[0]
@@ -69,28 +112,67 @@ class GraphDecoder:
 
     @torch.no_grad()
     def step_eager(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Run one step without a graph (same kernels, launched from Python)."""
+        """Run one step without a graph and without compilation (same kernels, launched from Python)."""
         self.input_ids.copy_(tokens.view(-1, 1))
         return self._forward()
 
     @torch.no_grad()
+    def step_compiled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run the compiled step without a graph; compiles on the first call (``compile=True`` only).
+
+        A later call that would recompile raises instead: the step must stay one graph for every position.
+        """
+        if self._compiled is None:
+            raise RuntimeError("step_compiled needs GraphDecoder(..., compile=True)")
+        self._compile()
+        self.input_ids.copy_(tokens.view(-1, 1))
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return self._compiled(self)
+
+    @torch.no_grad()
+    def _compile(self) -> None:
+        """One plain eager step (lazy buffers, selection layouts), then the first compiled call; both
+        steps' cache advances are undone, their writes land where the next real step writes."""
+        if self._compiled is None or self.compile_seconds is not None:
+            return
+        saved = self.cache.length().clone()
+        self._forward()
+        self.cache.set_length(saved)
+        start = time.perf_counter()
+        self._compiled(self)
+        if self.input_ids.is_cuda:
+            torch.cuda.synchronize()
+        self.compile_seconds = time.perf_counter() - start
+        self.cache.set_length(saved)
+        # Tracing leaves cyclic garbage that references the cache: collect it now, so that dropping the
+        # decoder and the cache frees their device memory at once rather than at some later collection.
+        gc.collect()
+
+    @torch.no_grad()
     def capture(self, warmup: int = 2) -> None:
-        """Warm up on a side stream (kernel compilation, autotuning, lazy buffers), undo the warm-up's
-        cache advance, and capture one step. Warm-up writes land at positions the next real steps
-        overwrite, so the cache's content is unchanged where it is ever read."""
+        """Warm up on a side stream (compilation, kernel compilation, autotuning, lazy buffers), undo the
+        warm-up's cache advance, and capture one step. Warm-up writes land at positions the next real
+        steps overwrite, so the cache's content is unchanged where it is ever read."""
         if not self.input_ids.is_cuda:
             raise RuntimeError("CUDA graphs need the model and cache on a CUDA device")
+        compiled = self._compiled
+
+        def step() -> torch.Tensor:
+            return compiled(self) if compiled is not None else self._forward()
+
         saved = self.cache.length().clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
+            self._compile()
             for _ in range(warmup):
-                self._forward()
+                step()
                 self.cache.set_length(saved)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward()
+        # A recompile here would compile inside the capture: raise instead.
+        with torch.compiler.set_stance("fail_on_recompile"), torch.cuda.graph(self.graph):
+            self.logits = step()
         self.cache.set_length(saved)  # capture does not run kernels; this only guards against surprises
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -103,3 +185,10 @@ class GraphDecoder:
         self.input_ids.copy_(tokens.view(-1, 1))
         self.graph.replay()
         return self.logits
+
+
+def _own_code(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``fn`` rebuilt on a private copy of its code object. Dynamo keeps compiled code, guards and the
+    recompile limit per code object: with a copy, each decoder has its own entry (never counted as a
+    recompile of another decoder's step) that is freed with the decoder."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)

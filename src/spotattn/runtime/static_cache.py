@@ -73,6 +73,8 @@ class StaticSparseCache(Cache):
         # First valid key per sequence (left padding), fixed at prefill; None when nothing is padded.
         self.seq_start: torch.Tensor | None = None
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block size -> (table, all blocks)
+        # layer -> handle of the opaque selection op under torch.compile (see runtime.decode_path)
+        self._select_slots: dict[int, int] = {}
 
     # ------------------------------------------------------------------------------------ lengths
 

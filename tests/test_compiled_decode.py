@@ -1,0 +1,91 @@
+"""GraphDecoder(compile=True): the decode step compiled with torch.compile (inductor) gives the eager step's
+logits, dense and spot, as one graph that never recompiles as the position moves. CPU: the compiled step
+without a CUDA graph; CUDA: compiled, then captured and replayed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_graph_decode import random_selector, tiny_llama
+from torch._dynamo.utils import counters
+
+import spotattn
+from spotattn.methods.spot import SpotConfig
+from spotattn.runtime import GraphDecoder, decode_path, prefill_to_static
+from spotattn.types import TopK
+
+
+def _sparsified(method: str, tmp_path, **model_kwargs) -> torch.nn.Module:
+    model = tiny_llama(**model_kwargs)
+    config = method
+    if method == "spot":  # a real budget: 3 of the 10 blocks of 16 tokens
+        config = SpotConfig(checkpoint=random_selector(model, tmp_path), budget=TopK(48), key_format="int4")
+    return spotattn.sparsify(model, config)
+
+
+@pytest.mark.parametrize("method", ["dense", "spot"])
+def test_compiled_step_equals_eager(tmp_path, monkeypatch, method):
+    model = _sparsified(method, tmp_path)
+    ids = torch.randint(0, 128, (2, 150))
+    logits, eager_cache = prefill_to_static(model, ids, capacity=200)
+    _, compiled_cache = prefill_to_static(model, ids, capacity=200)
+    eager = GraphDecoder(model, eager_cache)
+    compiled = GraphDecoder(model, compiled_cache, compile=True)
+
+    selections = []  # the static decoder's runs (under compile: inside the opaque op)
+    decoder = decode_path._DECODERS[method]
+    monkeypatch.setitem(decode_path._DECODERS, method, lambda ctx: selections.append(ctx) or decoder(ctx))
+    graphs = counters["stats"]["unique_graphs"]
+    token = logits.argmax(-1)
+    for step in range(4):
+        want = eager.step_eager(token).clone()
+        before = len(selections)
+        got = compiled.step_compiled(token)  # raises if this position would recompile
+        if step > 0:  # spot selects in every layer of every compiled step; dense never calls its decoder there
+            assert len(selections) - before == (2 if method == "spot" else 0)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        token = want.argmax(-1)
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph: fullgraph, no recompiles
+    assert compiled.compile_seconds is not None
+    assert int(compiled_cache.length()) == int(eager_cache.length()) == 154
+    for a, b in zip(eager_cache.layers, compiled_cache.layers, strict=True):
+        torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
+        assert a.meta.keys() == b.meta.keys()
+        for name in a.meta:  # spot's selector keys, written by the opaque op
+            torch.testing.assert_close(b.meta[name].tensor, a.meta[name].tensor, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_refuses_modes_with_their_own_cuda_graphs(tmp_path):
+    model = _sparsified("dense", tmp_path)
+    _, cache = prefill_to_static(model, torch.randint(0, 128, (1, 20)), capacity=32)
+    with pytest.raises(ValueError, match="captures CUDA graphs of its own"):
+        GraphDecoder(model, cache, compile=True, compile_mode="reduce-overhead")
+    with pytest.raises(RuntimeError, match="compile=True"):
+        GraphDecoder(model, cache).step_compiled(torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["dense", "spot"])
+def test_compiled_graph_replay(tmp_path, method):
+    model = _sparsified(method, tmp_path, hidden=256, heads=4).cuda().to(torch.bfloat16)  # head_dim 64
+    ids = torch.randint(0, 128, (2, 300), device="cuda")
+    logits, cache = prefill_to_static(model, ids, capacity=400)
+    plain = GraphDecoder(model, cache)
+    decoder = GraphDecoder(model, cache, compile=True)
+    length = int(cache.length())
+    decoder.capture()
+    assert decoder.compile_seconds is not None
+    token = logits.argmax(-1)
+    for step in range(6):
+        cache.set_length(length + step)
+        eager = plain.step_eager(token).clone()
+        cache.set_length(length + step)
+        compiled = decoder.step_compiled(token).clone()
+        cache.set_length(length + step)
+        replay = decoder.step(token).clone()
+        torch.testing.assert_close(replay, compiled, rtol=0, atol=0)  # the graph replays the compiled step
+        # bf16: fused elementwise work rounds differently from one kernel per op
+        torch.testing.assert_close(replay.float(), eager.float(), rtol=0.05, atol=0.05)
+        token = eager.argmax(-1)
+    assert int(cache.length()) == length + 6
