@@ -89,3 +89,18 @@ def test_compiled_graph_replay(tmp_path, method):
         torch.testing.assert_close(replay.float(), eager.float(), rtol=0.05, atol=0.05)
         token = eager.argmax(-1)
     assert int(cache.length()) == length + 6
+
+
+def test_bench_reports_compiled_rows():
+    from spotattn.bench import decode as bench
+
+    row = {"batch": 1, "context": 8192, "dense_ms": 11.0, "spot_ms": 11.8, "dense_compiled_ms": 6.0,
+           "spot_compiled_ms": 4.0, "dense_compile_s": 70.0, "spot_compile_s": 80.0,
+           "dense_compiled_vs_eager_max_abs": 0.03, "spot_compiled_vs_eager_max_abs": 0.05}
+    bench._ratios(row)
+    assert row["spot_compiled_speedup_vs_dense_compiled"] == 1.5
+    header = {"device": "cpu", "torch": "x", "shape": "tiny", "budget": "topk:4096", "key_format": "int4",
+              "selector_bytes_per_token": 36, "bandwidth_tb_s": 3.0, "baselines": {}}
+    text = bench.markdown({**header, "compile": True, "rows": [row]})
+    assert "| 1 | 8192 | 11.00 | 6.00 | 11.80 | 4.00 | 1.50x | - | 70 / 80 | 0.03 / 0.05 |" in text
+    assert "dense compiled" not in bench.markdown({**header, "rows": [row]})

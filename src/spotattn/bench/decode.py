@@ -12,6 +12,9 @@ per (batch, context), all in one process on the same model:
   same static cache and graph;
 - ``twilight`` (with ``--baselines`` naming it): the ``twilight`` method, defaults (first two layers dense),
   in the same static cache and graph;
+- with ``--compile``, each of these whole-model steps again, compiled with ``torch.compile`` (inductor)
+  before capture (``GraphDecoder(compile=True)``): ``<name>_compiled_ms``, ``<name>_compile_s`` (one
+  compile per variant and row), ``<name>_compiled_vs_eager_max_abs`` (against the plain eager step);
 - one layer's step (layer 0's shapes) timed alone from CUDA graphs: dense SDPA decode on exact-length
   K/V, our dense kernel, spot's selection (selector projections, key write, fused scoring, selection),
   sparse attention, and selection + attention;
@@ -282,6 +285,7 @@ def run(
     on_row: Callable[[dict], None] | None = None,
     profile_dir: Path | None = None,
     baselines: tuple[str, ...] = BASELINES,
+    compile: bool = False,
 ) -> dict:
     from .. import sparsify, unsparsify
     from ..cli import parse_budget
@@ -318,6 +322,7 @@ def run(
         "selector_bytes_per_token": sel_bytes,
         "bandwidth_tb_s": bandwidth,
         "baselines": _baseline_configs(baselines),
+        "compile": compile,
         "rows": [],
     }
     for batch in batches:
@@ -358,6 +363,12 @@ def run(
                     prof = profile_dir / f"select_b{batch}_{ctx}.txt" if profile_dir and name == "spot" else None
                     if name != "twilight":  # its one-layer figures come from _baseline_layer
                         row.update(_layer_figures(model, cache, ctx, batch, iters, name == "spot", prof))
+                    if compile:  # the same step compiled (inductor) before capture; error vs the plain eager step
+                        del decoder
+                        decoder = GraphDecoder(model, cache, compile=True)
+                        ms, err = _whole_model(decoder, cache, ctx, iters)
+                        row[f"{name}_compiled_ms"], row[f"{name}_compiled_vs_eager_max_abs"] = ms, err
+                        row[f"{name}_compile_s"] = decoder.compile_seconds
                     del decoder
                 except Exception as exc:  # noqa: BLE001
                     row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -398,6 +409,9 @@ def _ratios(row: dict) -> None:
     ratio("hf_ms", "spot_ms", "spot_speedup_vs_hf")
     ratio("dense_ms", "spot_ms", "spot_speedup_vs_dense")
     ratio("twilight_ms", "spot_ms", "spot_speedup_vs_twilight")
+    ratio("dense_compiled_ms", "spot_compiled_ms", "spot_compiled_speedup_vs_dense_compiled")
+    ratio("dense_ms", "dense_compiled_ms", "dense_compile_speedup")
+    ratio("spot_ms", "spot_compiled_ms", "spot_compile_speedup")
     ratio("dense_ms", "floor_dense_ms", "dense_over_floor")
     ratio("spot_ms", "floor_spot_ms", "spot_over_floor")
     ratio("layer_dense_sdpa_ms", "layer_spot_step_ms", "layer_spot_speedup_vs_sdpa")
@@ -461,6 +475,8 @@ def markdown(report: dict) -> str:
         )
     if any("layer_twilight_step_ms" in r or "layer_quest_select_ms" in r for r in report["rows"]):
         lines += _baseline_table(report)
+    if report.get("compile"):
+        lines += _compiled_table(report)
     errors = [(r["batch"], r["context"], k, v) for r in report["rows"] for k, v in r.items() if k.endswith("_error")]
     if errors:
         lines += ["", "Errors:", ""] + [f"- B={b} ctx={c} {k}: {v}" for b, c, k, v in errors]
@@ -498,6 +514,30 @@ def _baseline_table(report: dict) -> list[str]:
     return lines
 
 
+def _compiled_table(report: dict) -> list[str]:
+    lines = [
+        "",
+        "Whole-model step compiled with torch.compile (inductor) before capture, ms (graph replay); compile s "
+        "is the first compiled call (tracing, inductor, one run); max |diff| against the plain eager step:",
+        "",
+        "| B | context | dense | dense compiled | spot | spot compiled | spot vs dense (compiled) | "
+        "twilight compiled | compile s (dense / spot) | max diff (dense / spot) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        if "skipped" in row:
+            continue
+        lines.append(
+            f"| {row['batch']} | {row['context']} | {_cell(row, 'dense_ms')} | {_cell(row, 'dense_compiled_ms')} | "
+            f"{_cell(row, 'spot_ms')} | {_cell(row, 'spot_compiled_ms')} | "
+            f"{_cell(row, 'spot_compiled_speedup_vs_dense_compiled')}x | {_cell(row, 'twilight_compiled_ms')} | "
+            f"{_cell(row, 'dense_compile_s', '{:.0f}')} / {_cell(row, 'spot_compile_s', '{:.0f}')} | "
+            f"{_cell(row, 'dense_compiled_vs_eager_max_abs', '{:.3g}')} / "
+            f"{_cell(row, 'spot_compiled_vs_eager_max_abs', '{:.3g}')} |"
+        )
+    return lines
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -521,6 +561,13 @@ def _ints(text: str) -> list[int]:
     help="training-free methods timed beside spot, comma-separated ('' for none): twilight (one layer and the "
     "whole model), quest (one layer's selection)",
 )
+@click.option(
+    "--compile",
+    "compile_step",
+    is_flag=True,
+    help="also time each whole-model step compiled with torch.compile (inductor) before capture (one compile "
+    "per variant and row; compile seconds in the JSON)",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench_out/decode"), show_default=True)
 def decode_command(
     shape: str,
@@ -533,6 +580,7 @@ def decode_command(
     skip_hf: bool,
     profile: bool,
     baselines: str,
+    compile_step: bool,
     out: Path,
 ) -> None:
     """Whole-model decode step: plain HF vs spotattn dense and sparse, in CUDA graphs."""
@@ -548,7 +596,7 @@ def decode_command(
 
     report = run(shape, _ints(contexts), _ints(batches), budget_text, key_format, iters, bandwidth, skip_hf,
                  log=lambda s: click.echo(s, err=True), on_row=save, profile_dir=out if profile else None,
-                 baselines=chosen)
+                 baselines=chosen, compile=compile_step)
     save(report)
     click.echo(markdown(report))
 
