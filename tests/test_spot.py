@@ -126,6 +126,29 @@ def test_kl_matches_hand_computation():
     assert sparse_kl(t, s.log(), 4).item() == pytest.approx(hand, abs=1e-6)
 
 
+def test_residual_kl_matches_hand_computation_and_forced_blocks():
+    from spotattn.spot.teacher import residual_blocks, residual_kl
+
+    # Residual = blocks 1 and 2: teacher (0.3, 0.1) of mass 0.4 -> (0.75, 0.25); student (0.2, 0.2) -> (0.5, 0.5).
+    t = torch.tensor([[0.5, 0.3, 0.1, 0.1]])
+    s = torch.tensor([[0.4, 0.2, 0.2, 0.2]])
+    residual = torch.tensor([[False, True, True, False]])
+    hand = 0.4 * (0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5))
+    assert residual_kl(t, s.log(), residual).item() == pytest.approx(hand, abs=1e-6)
+    nothing = torch.zeros_like(residual)
+    assert residual_kl(t, s.log(), nothing).item() == 0.0  # no residual: no loss, no NaN
+    # The residual blocks are exactly those dual top-p does not force, at every position.
+    q_pos = torch.tensor([0, 100, 383, 384, 500, 1023])
+    budget = DualTopP(p=0.9, sink=128, recent=256, min_tokens=16)
+    mask = residual_blocks(q_pos, 64, 16, budget.sink, budget.recent)
+    forced = select_blocks(torch.zeros(1, 1, 6, 64), budget, 16, row_first_block=q_pos // 16,
+                           row_last_block=q_pos // 16)
+    for i, pos in enumerate(q_pos.tolist()):
+        kept = set(forced.block_ids[0, 0, i, : forced.counts[0, 0, i]].tolist())
+        causal = set(range(pos // 16 + 1))
+        assert set(torch.nonzero(mask[i]).flatten().tolist()) == causal - kept, pos
+
+
 def test_teacher_in_chunks_equals_at_once():
     torch.manual_seed(1)
     q = torch.randn(1, 6, 70, 16)
@@ -273,7 +296,8 @@ def test_checkpoint_refuses_mismatched_model(tiny_ckpt):
 # ---------------------------------------------------------------------------------------- training
 
 
-def test_a_few_training_steps_lower_the_loss():
+@pytest.mark.parametrize("residual", [None, (16, 32)])
+def test_a_few_training_steps_lower_the_loss(residual):
     model = tiny_llama()
     cfg = config_for_model(model.config, num_heads=2, head_dim=16)
     selector = Selector(cfg)
@@ -286,8 +310,8 @@ def test_a_few_training_steps_lower_the_loss():
         backbone.run(ids)
         for _ in range(25):
             optim.zero_grad()
-            loss = sum(layer_loss(selector.layer(i), capture.hidden[i], capture.teacher[i], chunk=32)
-                       for i in cfg.layer_ids)
+            loss = sum(layer_loss(selector.layer(i), capture.hidden[i], capture.teacher[i], chunk=32,
+                                  residual=residual) for i in cfg.layer_ids)
             loss.backward()
             optim.step()
             losses.append(loss.item())
@@ -296,8 +320,8 @@ def test_a_few_training_steps_lower_the_loss():
     # The checkpointed (chunked) loss equals the plain one, with the same gradients.
     h, t = capture.hidden[0], capture.teacher[0]
     layer = selector.layer(0)
-    a = layer_loss(layer, h, t, chunk=16, use_checkpoint=True)
-    b = layer_loss(layer, h, t, chunk=96, use_checkpoint=False)
+    a = layer_loss(layer, h, t, chunk=16, use_checkpoint=True, residual=residual)
+    b = layer_loss(layer, h, t, chunk=96, use_checkpoint=False, residual=residual)
     torch.testing.assert_close(a, b)
 
 

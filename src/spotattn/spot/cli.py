@@ -53,6 +53,13 @@ import click
     help="Learn a per-layer gain g: scores x (1 + g log(position + 1)).",
 )
 @click.option(
+    "--residual-kl/--full-kl",
+    default=False,
+    show_default=True,
+    help="Train on the KL over the blocks dual top-p does not force (past its sink and recent tokens), "
+    "renormalised there: the ranking its nucleus uses.",
+)
+@click.option(
     "--sparse-kl",
     "sparse_top",
     type=int,
@@ -84,6 +91,7 @@ def train_command(
     per_group,
     rope_max_wavelength,
     length_scaling,
+    residual_kl,
     sparse_top,
     chunk,
     eval_every,
@@ -114,6 +122,7 @@ def train_command(
         per_group=per_group,
         rope_max_wavelength=rope_max_wavelength,
         length_scaling=length_scaling,
+        residual_kl=residual_kl,
         sparse_top=sparse_top,
         chunk=chunk,
         eval_every=eval_every,

@@ -77,6 +77,33 @@ def sparse_kl(teacher: torch.Tensor, student_logp: torch.Tensor, top: int) -> to
     return kl_top + kl_rest
 
 
+def residual_kl(teacher: torch.Tensor, student_logp: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Per-query KL between the two distributions restricted to the ``residual`` blocks (bool, broadcast to
+    the teacher's shape) and renormalised there, weighted by the teacher's mass on them.
+
+    Dual top-p always reads the sink and recent blocks and spends its nucleus on the rest, so only the
+    ranking inside the residual matters; the weight makes a query count as much as the mass at stake.
+    Queries with no residual mass contribute 0.
+    """
+    t = teacher.float().masked_fill(~residual, 0.0)
+    mass = t.sum(-1, keepdim=True)
+    t = t / mass.clamp(min=1e-30)
+    s = student_logp.masked_fill(~residual, float("-inf"))
+    s = s - torch.logsumexp(s, dim=-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
+    kl = (torch.xlogy(t, t) - t * s.masked_fill(t <= 0, 0.0)).sum(-1)
+    return kl * mass.squeeze(-1)
+
+
+def residual_blocks(q_pos: torch.Tensor, num_blocks: int, block_size: int, sink: int, recent: int) -> torch.Tensor:
+    """Bool ``(Lq, NB)``: the blocks dual top-p would not force for a query at ``q_pos`` (``sink`` and
+    ``recent`` in tokens, rounded up to blocks as the selection rounds them)."""
+    n_sink = max(1, -(-sink // block_size))
+    n_recent = max(1, -(-recent // block_size))
+    j = torch.arange(num_blocks, device=q_pos.device)
+    last = (q_pos // block_size).unsqueeze(-1)
+    return (j >= n_sink) & (j <= last - n_recent)
+
+
 def block_recall(teacher: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Share of the teacher's mass inside the kept blocks, per query (``keep`` bool, same shape)."""
     return (teacher.float() * keep).sum(-1) / teacher.float().sum(-1).clamp(min=1e-30)

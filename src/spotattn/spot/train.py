@@ -28,9 +28,10 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..types import DualTopP
 from .checkpoint import fingerprint, load_selector, read_meta, save_selector
 from .selector import Selector, SelectorLayer, block_log_probs, config_for_model
-from .teacher import block_recall, forward_kl, sparse_kl, teacher_block_probs
+from .teacher import block_recall, forward_kl, residual_blocks, residual_kl, sparse_kl, teacher_block_probs
 
 DISTILL_ATTN = "spotattn_distill"
 CAPTURE_ATTR = "_spotattn_distill"
@@ -234,9 +235,11 @@ def layer_loss(
     *,
     chunk: int = 256,
     sparse_top: int | None = None,
+    residual: tuple[int, int] | None = None,
     use_checkpoint: bool = True,
 ) -> torch.Tensor:
-    """Mean per-query KL(teacher || selector) of one layer, in query chunks.
+    """Mean per-query KL(teacher || selector) of one layer, in query chunks. ``residual`` = (sink, recent)
+    tokens: the KL over the blocks dual top-p does not force instead (:func:`residual_kl`).
 
     Each chunk's scores are recomputed in backward (activation checkpointing), so memory is linear in
     the sequence length apart from the teacher itself.
@@ -249,7 +252,12 @@ def layer_loss(
 
     def chunk_kl(qc: torch.Tensor, wc: torch.Tensor, k: torch.Tensor, tc: torch.Tensor, qpos: torch.Tensor):
         logp = block_log_probs(qc, wc, k, qpos, bs)
-        kl = forward_kl(tc, logp) if sparse_top is None else sparse_kl(tc, logp, sparse_top)
+        if residual is not None:
+            kl = residual_kl(tc, logp, residual_blocks(qpos, logp.shape[-1], bs, *residual))
+        elif sparse_top is not None:
+            kl = sparse_kl(tc, logp, sparse_top)
+        else:
+            kl = forward_kl(tc, logp)
         return kl.sum()
 
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -321,6 +329,7 @@ class TrainConfig:
     rope_max_wavelength: float | None = None  # see SelectorConfig
     length_scaling: bool = False  # see SelectorConfig
     sparse_top: int | None = None  # blocks; None = dense KL
+    residual_kl: bool = False  # KL over the blocks dual top-p does not force (its default sink/recent)
     chunk: int = 256
     eval_every: int = 50
     eval_batches: int = 2
@@ -498,6 +507,7 @@ def train(
                         capture.teacher[idx],
                         chunk=cfg.chunk,
                         sparse_top=cfg.sparse_top,
+                        residual=(DualTopP().sink, DualTopP().recent) if cfg.residual_kl else None,
                         use_checkpoint=cfg.seq_len > 2048,
                     )
                 (loss / n).backward()  # each layer's graph is freed at once
