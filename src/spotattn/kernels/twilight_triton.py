@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._triton.common import next_pow2
 
-BLOCK_P = 64  # pages per program of the bound kernel
+BLOCK_P = 32  # pages per program of the bound kernel (two fp32 tiles of 32 x D in registers)
 PAGES = 8  # candidate pages per program of the estimate kernel
 
 
@@ -62,6 +62,7 @@ def _decode_meta_kernel(
     slh,
     sln,
     Hkv,
+    levels,
     QUANT: tl.constexpr,
     BITS: tl.constexpr,
     PER: tl.constexpr,
@@ -87,7 +88,8 @@ def _decode_meta_kernel(
         i = tl.arange(0, PER)
         x = tl.load(K + b * skb + h * skh + pos * skn + byte[:, None] * PER + i[None, :]).to(tl.float32)
         lo = tl.min(tl.min(x, 1), 0)
-        step = tl.math.div_rn(tl.max(tl.max(x, 1), 0) - lo, tl.full([], (1 << BITS) - 1, tl.float32))
+        step = tl.math.div_rn(tl.max(tl.max(x, 1), 0) - lo, levels)
+        # div_rn: IEEE rounding, as PyTorch divides (`/` may compile to an approximate division).
         y = tl.math.div_rn(x - lo, tl.where(step > 0, step, 1.0))
         code = _round_half_even(y).to(tl.int32)
         packed = tl.sum(code << (i * BITS)[None, :], 1)
@@ -240,7 +242,7 @@ def update_decode_meta(
         rows, s_len,
         codes, codes.stride(0), codes.stride(1), codes.stride(2),
         low, step, low.stride(0), low.stride(1), low.stride(2),
-        hkv,
+        hkv, float((1 << bits) - 1),
         QUANT=quantized is not None, BITS=bits, PER=8 // bits, D=d, BS=block_size,
         num_warps=4,
     )  # fmt: skip
