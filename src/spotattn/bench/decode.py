@@ -486,14 +486,18 @@ def markdown(report: dict) -> str:
 def _baseline_table(report: dict) -> list[str]:
     configs = report.get("baselines", {})
     tw, qu = configs.get("twilight", {}), configs.get("quest", {})
+
+    def budget(d: dict | None) -> str:
+        return f"{d['rule']}:{d['tokens']}" if d else "-"
+
     lines = [
         "",
         "Training-free baselines, one layer (same shapes, each part replayed from a CUDA graph; selection "
         "includes the metadata write for the new token), ms. "
-        f"Twilight: Quest candidates `{tw.get('candidates')}`, {tw.get('quant_bits')}-bit estimate, "
-        f"top-p {tw.get('p')}, {tw.get('block_size')}-token pages; Quest: `{qu.get('budget')}`. "
-        "Random keys make attention nearly uniform, so Twilight's top-p keeps most of its candidates "
-        "(tokens read: kept / candidates); on real attention it keeps far fewer.",
+        f"Twilight: Quest candidates `{budget(tw.get('candidates'))}`, {tw.get('quant_bits')}-bit estimate, "
+        f"top-p {tw.get('p')}, {tw.get('block_size')}-token pages; Quest: `{budget(qu.get('budget'))}`. "
+        "Random keys make attention flat, so Twilight's top-p keeps most of its candidates (tokens read: "
+        "kept / candidates); on peaked, real attention it keeps fewer, and its attention costs less.",
         "",
         "| B | context | twilight selection | twilight attention | twilight both | tokens read (kept / candidates) | "
         "twilight vs SDPA | spot both | spot vs twilight | quest selection | quest tokens |",
