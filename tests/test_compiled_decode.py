@@ -1,6 +1,6 @@
 """GraphDecoder(compile=True): the decode step compiled with torch.compile (inductor) gives the eager step's
-logits, dense and spot, as one graph that never recompiles as the position moves. CPU: the compiled step
-without a CUDA graph; CUDA: compiled, then captured and replayed."""
+logits, dense, spot and twilight, as one graph that never recompiles as the position moves. CPU: the
+compiled step without a CUDA graph; CUDA: compiled, then captured and replayed."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 import spotattn
 from spotattn.methods.spot import SpotConfig
+from spotattn.methods.twilight import TwilightConfig
 from spotattn.runtime import GraphDecoder, decode_path, prefill_to_static
 from spotattn.types import TopK
 
@@ -20,10 +21,12 @@ def _sparsified(method: str, tmp_path, **model_kwargs) -> torch.nn.Module:
     config = method
     if method == "spot":  # a real budget: 3 of the 10 blocks of 16 tokens
         config = SpotConfig(checkpoint=random_selector(model, tmp_path), budget=TopK(48), key_format="int4")
+    elif method == "twilight":  # layer 0 dense, layer 1 reads the new key from the K buffer (Quest bounds)
+        config = TwilightConfig(candidates=TopK(80), p=0.6, dense_layers=1)
     return spotattn.sparsify(model, config)
 
 
-@pytest.mark.parametrize("method", ["dense", "spot"])
+@pytest.mark.parametrize("method", ["dense", "spot", "twilight"])
 def test_compiled_step_equals_eager(tmp_path, monkeypatch, method):
     model = _sparsified(method, tmp_path)
     ids = torch.randint(0, 128, (2, 150))
@@ -41,8 +44,8 @@ def test_compiled_step_equals_eager(tmp_path, monkeypatch, method):
         want = eager.step_eager(token).clone()
         before = len(selections)
         got = compiled.step_compiled(token)  # raises if this position would recompile
-        if step > 0:  # spot selects in every layer of every compiled step; dense never calls its decoder there
-            assert len(selections) - before == (2 if method == "spot" else 0)
+        if step > 0:  # selection runs behind the opaque op in every selecting layer; dense layers skip it
+            assert len(selections) - before == {"dense": 0, "spot": 2, "twilight": 1}[method]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         token = want.argmax(-1)
     assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph: fullgraph, no recompiles
@@ -66,7 +69,7 @@ def test_compile_refuses_modes_with_their_own_cuda_graphs(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", ["dense", "spot"])
+@pytest.mark.parametrize("method", ["dense", "spot", "twilight"])
 def test_compiled_graph_replay(tmp_path, method):
     model = _sparsified(method, tmp_path, hidden=256, heads=4).cuda().to(torch.bfloat16)  # head_dim 64
     ids = torch.randint(0, 128, (2, 300), device="cuda")

@@ -17,7 +17,9 @@ from Python, lazily loaded selectors, metadata writes) stay exactly as in eager 
 the model's elementwise work around it. The op finds the decoder through an integer handle, and its fake
 implementation takes the output shapes recorded by an eager step on the same cache, which must run first
 (``GraphDecoder`` does it). Everything it reads that the compiled graph may have changed (the length
-counter, the hidden states) is passed as an argument, never read from the cache object.
+counter, the hidden states) is passed as an argument, never read from the cache object; the layer's K/V
+buffers are passed too, so that the op is ordered after the graph's write of the new token into them
+(decoders such as Quest's read the new key from the buffer).
 """
 
 from __future__ import annotations
@@ -191,7 +193,10 @@ def _select_opaque(
     spec = _SLOTS[handle].spec
     if spec is None:
         return None
-    ids, counts = torch.ops.spotattn.static_select(q, state.hidden_states, seq_len, seq_start, scale, handle)
+    layer = cache.layers[state.layer_idx]
+    ids, counts = torch.ops.spotattn.static_select(
+        q, state.hidden_states, layer.keys, layer.values, seq_len, seq_start, scale, handle
+    )
     return Selection(ids, counts, spec[4])
 
 
@@ -199,6 +204,8 @@ def _select_opaque(
 def _static_select_op(
     query: torch.Tensor,
     hidden: torch.Tensor | None,
+    keys: torch.Tensor,
+    values: torch.Tensor,
     seq_len: torch.Tensor,
     seq_start: torch.Tensor | None,
     scale: float | None,
@@ -208,6 +215,10 @@ def _static_select_op(
     cache, state = slot.cache(), slot.state()
     if cache is None or state is None:
         raise RuntimeError("spotattn::static_select: the cache or the sparsified model of this step is gone")
+    layer = cache.layers[state.layer_idx]
+    # keys/values are here for ordering only: decoders read the cache's buffers, which must be these.
+    if keys.data_ptr() != layer.keys.data_ptr() or values.data_ptr() != layer.values.data_ptr():
+        raise RuntimeError("spotattn::static_select: the step wrote the K/V cache out of place")
     t = query.shape[2]
     positions = seq_len - t + torch.arange(t, device=query.device)
     # The compiled graph hands the layer's hidden states over as an argument; decoders read the state's.
@@ -226,7 +237,7 @@ def _static_select_op(
 
 
 @_static_select_op.register_fake
-def _static_select_fake(query, hidden, seq_len, seq_start, scale, handle):
+def _static_select_fake(query, hidden, keys, values, seq_len, seq_start, scale, handle):
     ids_shape, ids_dtype, counts_shape, counts_dtype, _ = _SLOTS[handle].spec
     return query.new_empty(ids_shape, dtype=ids_dtype), query.new_empty(counts_shape, dtype=counts_dtype)
 
