@@ -81,7 +81,7 @@ def static_decode(
         )
     b, _, t, _ = q.shape
     seq_len = cache.length(state.layer_idx)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # compiled steps leave state.last_selection as the last eager step set it
         selection = _select_opaque(cache, state, q, seq_len, seq_start, scale)
     else:
         positions = seq_len - t + torch.arange(t, device=q.device)
