@@ -26,7 +26,9 @@ from spotattn.methods.prism import (
     Prism,
     PrismConfig,
     band_indices,
+    band_probabilities,
     band_scales,
+    band_topp,
     mean_pool,
     pooled_block_mask,
 )
@@ -311,6 +313,52 @@ def test_prism_torch_estimator_is_top_p_per_band() -> None:
     ]
     assert torch.equal(union, singles[0] | singles[1])
     assert not torch.equal(singles[0], singles[1]), "the two bands should disagree somewhere on random data"
+
+
+def test_prism_band_topp_ranks_every_block_then_adds_the_forced_ones_by_hand() -> None:
+    # One row of five causal blocks; the sink (block 0) and the diagonal (block 4) are forced.
+    probs = torch.tensor([[[[0.05, 0.45, 0.30, 0.05, 0.15]]]])
+    allowed = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    forced = torch.tensor([True, False, False, False, True]).view(1, 1, 1, 5)
+    # Paper: ranked 0.45, 0.30 (mass before it 0.45 < 0.7), 0.15 (0.75: stop); then sink and diagonal.
+    assert band_topp(probs, 0.7, allowed, forced)[0, 0, 0].tolist() == [True, True, True, False, True]
+    # A rule that counted the forced mass (0.2) towards p would stop after 0.45 and drop block 2.
+    # The nucleus may hold a forced block: then nothing else is needed beyond it.
+    probs = torch.tensor([[[[0.80, 0.10, 0.05, 0.03, 0.02]]]])
+    assert band_topp(probs, 0.75, allowed, forced)[0, 0, 0].tolist() == [True, False, False, False, True]
+    # Ties at the threshold are all kept; blocks outside ``allowed`` never are.
+    probs = torch.tensor([[[[0.4, 0.3, 0.3, 0.0, 0.0]]]])
+    allowed = torch.tensor([True, True, True, False, False]).view(1, 1, 1, 5)
+    forced = torch.tensor([True, False, False, False, False]).view(1, 1, 1, 5)
+    assert band_topp(probs, 0.6, allowed, forced)[0, 0, 0].tolist() == [True, True, True, False, False]
+    assert band_topp(probs, 0.3, allowed, forced)[0, 0, 0].tolist() == [True, False, False, False, False]
+
+
+def test_prism_pooled_mask_is_the_band_nucleus_plus_sink_and_diagonal() -> None:
+    g = _gen(7)
+    b, hq, hkv, d, bs, length, p = 1, 2, 1, 16, 16, 16 * 12, 0.8
+    q, k = torch.randn(b, hq, length, d, generator=g), torch.randn(b, hkv, length, d, generator=g)
+    qbar, kbar = mean_pool(q, bs), mean_pool(k, bs)
+    bands = [band_indices(d, 8, True), band_indices(d, 12, False)]
+    inv = band_scales(qbar, kbar, bands, True)
+    got = pooled_block_mask(qbar, kbar, bands, inv, p, bs, 0, None)
+    rows = torch.arange(length // bs)
+    allowed = rows.view(1, 1, -1, 1) >= rows.view(1, 1, 1, -1)
+    want = torch.zeros(b, hq, len(rows), len(rows), dtype=torch.bool)
+    for z, idx in enumerate(bands):
+        probs = band_probabilities(qbar, kbar, idx, inv[..., z], allowed)
+        for h in range(hq):
+            for r in rows.tolist():
+                row = probs[0, h, r, : r + 1]
+                order = row.argsort(descending=True).tolist()
+                mass = 0.0
+                for j in order:  # keep while the mass ranked above is below p
+                    if mass >= p - 1e-7:
+                        break
+                    want[0, h, r, j] = True
+                    mass += float(row[j])
+                want[0, h, r, 0] = want[0, h, r, r] = True
+    assert torch.equal(got, want.any(dim=1, keepdim=True))
 
 
 # ------------------------------------------------------------------------------------------ errors

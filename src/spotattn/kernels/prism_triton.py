@@ -10,8 +10,9 @@ each band's logit scale per (batch, head). Two kernels:
 2. ``_topp_union_kernel``: one program per (query block, batch x kv-head). For every head of the group
    and every band it finds the top-p set of the row by bisection on a probability threshold (the set
    ``{p >= t}`` with the largest ``t`` whose mass reaches the target: the sorted nucleus without a
-   sort), with the same rules as :func:`spotattn.selection.select_blocks` (sink and diagonal forced, the
-   target reduced by their mass), and writes the union over heads and bands as a byte mask.
+   sort) over every allowed block, as Prism ranks them, then adds the sink and diagonal blocks (the
+   rule of :func:`spotattn.methods.prism.band_topp`), and writes the union over heads and bands as a
+   byte mask.
 """
 
 from __future__ import annotations
@@ -136,25 +137,22 @@ def _topp_union_kernel(
     allowed = (offs_j <= row_blk) & ((offs_j + 1) * BS > start) & (offs_j < NB)
     sink = start // BS
     forced = allowed & ((offs_j == sink) | (offs_j == row_blk))
-    residual = allowed & (forced == 0)
     keep = forced
+    target = p_keep - 1e-7  # the nucleus over every allowed block; the forced ones are added after it
     for g in range(0, group):
         h = hk * group + g
         for band in tl.static_range(NBANDS):
             base = (((band * B + b) * Hq + h).to(tl.int64) * R + r) * NB
             p = tl.load(Probs + base + offs_j, mask=allowed, other=0.0)
             p = p / tl.maximum(tl.sum(p, 0), 1.1754943508222875e-38)
-            target = p_keep - tl.sum(tl.where(forced, p, 0.0), 0) - 1e-7
-            res = tl.where(residual, p, 0.0)
             lo = 0.0
             hi = 1.0
             for _ in range(STEPS):
                 mid = (lo + hi) * 0.5
-                reached = tl.sum(tl.where(res >= mid, res, 0.0), 0) >= target
+                reached = tl.sum(tl.where(p >= mid, p, 0.0), 0) >= target
                 lo = tl.where(reached, mid, lo)
                 hi = tl.where(reached, hi, mid)
-            lo = tl.where(target > 0, lo, 2.0)  # nothing left to reach: no residual block (all are <= 1)
-            keep = keep | (residual & (res >= lo))
+            keep = keep | (allowed & (p >= lo))
     tl.store(Mask + ((b * Hkv + hk).to(tl.int64) * R + r) * NB + offs_j, keep.to(tl.int8), mask=offs_j < NB)
 
 

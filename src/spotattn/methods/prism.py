@@ -2,8 +2,9 @@
 
 Both pool post-RoPE queries and keys over blocks (128 tokens by default), score every causal
 (query block, key block) pair with a softmax over key blocks, keep per query head the smallest set of
-key blocks holding ``p`` of that mass (sink and diagonal blocks always kept), and let each kv-group read
-the union of its heads' blocks.
+key blocks holding ``p`` of that mass, add the sink and diagonal blocks (as the paper does: their mass
+is not counted towards ``p``), and let each kv-group read the union of its heads' blocks (the paper
+keeps one mask per query head; our kernels read one list per kv-group).
 
 ``meanpool`` scores with the whole head dimension. Pooling is a low-pass filter on RoPE: the fast
 rotating pairs cancel inside a block, so their share of the pooled logit collapses and the scores lose
@@ -30,9 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..selection import allowed_blocks, mask_to_selection, rows_for_prefill, select_blocks
-from ..types import Selection, TopP
-from ._masks import check_probability, group_union, selection_mask
+from ..selection import allowed_blocks, mask_to_selection, rows_for_prefill
+from ..types import Selection
+from ._masks import check_probability, group_union
 from .base import AttentionCall, Method, MethodConfig, register_method
 
 
@@ -174,6 +175,25 @@ def band_probabilities(
     return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
 
 
+def band_topp(probs: torch.Tensor, p: float, allowed: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """Prism's per-band top-p: bool mask of the blocks of each row, as the paper defines it.
+
+    Blocks are ranked by probability over every allowed block (the sink and diagonal included) and kept
+    while the mass ranked above them is below ``p`` (ties at the threshold all kept); the ``forced``
+    blocks are added afterwards. Their mass is not taken off ``p`` first, so a row keeps its own nucleus
+    plus the forced blocks (``selection.select_blocks`` would keep fewer: it counts them towards ``p``).
+    """
+    ranked = torch.where(allowed, probs, -1.0)
+    ordered, order = ranked.sort(dim=-1, descending=True)
+    ordered = ordered.clamp(min=0.0)
+    before = ordered.cumsum(-1) - ordered
+    keep_sorted = before < p - 1e-7
+    # Ties: every block as likely as the last one kept is kept too (as the Triton kernel's threshold does).
+    last = torch.where(keep_sorted, ordered, float("inf")).amin(-1, keepdim=True)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted) | (ranked >= last)
+    return (keep & allowed) | forced
+
+
 def pooled_block_mask(
     qbar: torch.Tensor,
     kbar: torch.Tensor,
@@ -186,21 +206,20 @@ def pooled_block_mask(
 ) -> torch.Tensor:
     """PyTorch estimation (CPU path and the Triton kernels' reference): bool ``(B, Hkv, R, NB)``.
 
-    Per band and query head, top-p over the causal block softmax (sink and diagonal forced); the union
-    over bands, then over the heads of each kv-group.
+    Per band and query head, top-p over the causal block softmax (:func:`band_topp`; sink and diagonal
+    forced); the union over bands, then over the heads of each kv-group.
     """
     b, hq, r, _ = qbar.shape
     hkv, nb = kbar.shape[1], kbar.shape[2]
     rows = torch.arange(first_row, first_row + r, device=qbar.device)
     allowed = allowed_blocks(nb, rows, block_size, seq_start, b)
+    j = torch.arange(nb, device=qbar.device)
+    sink = (seq_start // block_size if seq_start is not None else torch.zeros(b, device=qbar.device)).view(b, 1, 1, 1)
+    forced = allowed & ((j == sink) | (j == rows.view(1, 1, -1, 1)))
     keep = torch.zeros(b, hq, r, nb, dtype=torch.bool, device=qbar.device)
     for z, idx in enumerate(bands):
         probs = band_probabilities(qbar, kbar, idx.to(qbar.device), inv_scale[..., z], allowed)
-        chosen = select_blocks(
-            probs, TopP(p), block_size, row_first_block=rows, row_last_block=rows,
-            seq_start=seq_start, first_row=first_row,
-        )
-        keep |= selection_mask(chosen, nb)
+        keep |= band_topp(probs, p, allowed, forced)
     return group_union(keep, hkv)
 
 
