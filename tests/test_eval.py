@@ -328,3 +328,18 @@ def test_runner_records_and_resumes(tmp_path: Path, tiny_model, monkeypatch) -> 
     for png in ("accuracy_vs_density.png", "density_per_layer.png", "recall_by_depth.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
     assert json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])["model"] == "tiny"
+
+
+def test_findings_use_decode_density_for_methods_with_dense_prefill():
+    from spotattn.eval.report import Summary, findings
+
+    def rec(method: str, score: float, prefill: float, decode: float) -> dict:
+        return {"method": method, "method_name": method.split(":")[0], "length": 4096, "task": "passkey",
+                "kind": "generate", "score": score, "density": {"prefill": prefill, "decode": decode,
+                                                                  "all": 0.99}}
+
+    s = Summary([rec("dense", 1.0, 1.0, 1.0), rec("spot:a", 1.0, 1.0, 0.2), rec("prism:b", 1.0, 0.4, 1.0)])
+    assert s.sparse_density("spot:a", 4096) == 0.2  # decode-only method: its decode density
+    assert s.sparse_density("prism:b", 4096) == 0.99  # sparse prefill: prefill and decode together
+    text = "\n".join(findings(s))
+    assert "20.0% decode density" in text and "99.0% density" in text

@@ -16,6 +16,7 @@ from statistics import mean
 from .runner import read_results
 
 ACCURACY_DROP = 0.05  # a method "loses accuracy" once its mean score is this far below dense (absolute)
+DENSE_PREFILL = 0.999  # a prefill density at or above this counts as dense prefill
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -71,6 +72,15 @@ class Summary:
 
     def density(self, method: str, length: int, phase: str = "all") -> float | None:
         return _mean(_density(r, phase) for r in self._all(method, length))
+
+    def sparse_phase(self, method: str, length: int) -> str:
+        """The phase the method makes sparse: ``decode`` when its prefill is dense (else the dense prompt
+        swamps the figure), ``all`` (prefill and decode together) otherwise."""
+        prefill = self.density(method, length, "prefill")
+        return "decode" if prefill is not None and prefill >= DENSE_PREFILL else "all"
+
+    def sparse_density(self, method: str, length: int) -> float | None:
+        return self.density(method, length, self.sparse_phase(method, length))
 
     def recall(self, method: str, length: int) -> float | None:
         return _mean(_recall(r) for r in self._all(method, length))
@@ -145,6 +155,10 @@ def markdown(summary: Summary, title: str = "spotattn evaluation") -> str:
     return "\n".join(lines)
 
 
+def _phase_word(s: Summary, method: str, length: int) -> str:
+    return "decode density" if s.sparse_phase(method, length) == "decode" else "density"
+
+
 def findings(s: Summary) -> list[str]:
     """One sentence per sparse method family and length: the lowest density that keeps dense accuracy
     (within ``ACCURACY_DROP``), and the first density below it that does not."""
@@ -152,7 +166,7 @@ def findings(s: Summary) -> list[str]:
     for family in dict.fromkeys(s.family[m] for m in s.methods if m != "dense"):
         for length in s.lengths:
             dense = s.accuracy("dense", length)
-            points = [(s.density(m, length), s.accuracy(m, length), m) for m in s.methods
+            points = [(s.sparse_density(m, length), s.accuracy(m, length), m) for m in s.methods
                       if m != "dense" and s.family[m] == family]
             points = sorted((p for p in points if p[0] is not None and p[1] is not None), key=lambda p: -p[0])
             if dense is None or not points:
@@ -162,13 +176,13 @@ def findings(s: Summary) -> list[str]:
             text = f"- **{family}, {length} tokens** (dense {_pct(dense)}%): "
             if kept:
                 d, a, m = min(kept, key=lambda p: p[0])
-                text += f"keeps dense accuracy down to {_pct(d, 1)}% density ({_pct(a)}%, `{m}`)"
+                text += f"keeps dense accuracy down to {_pct(d, 1)}% {_phase_word(s, m, length)} ({_pct(a)}%, `{m}`)"
             else:
                 text += "loses accuracy at every budget tried"
             below = [p for p in lost if not kept or p[0] < min(k[0] for k in kept)]
             if below:
                 d, a, m = max(below, key=lambda p: p[0])
-                text += f"; at {_pct(d, 1)}% density it falls to {_pct(a)}% (`{m}`)"
+                text += f"; at {_pct(d, 1)}% {_phase_word(s, m, length)} it falls to {_pct(a)}% (`{m}`)"
             elif kept:
                 text += "; no budget tried loses accuracy"
             out.append(text + ".")
@@ -184,13 +198,13 @@ def plot_accuracy_vs_density(s: Summary, path: Path) -> None:
         if dense is not None:
             ax.axhline(100 * dense, color="gray", linestyle=":", linewidth=1, label="dense")
         for family in dict.fromkeys(s.family[m] for m in s.methods if m != "dense"):
-            pts = sorted((s.density(m, length), s.accuracy(m, length)) for m in s.methods
+            pts = sorted((s.sparse_density(m, length), s.accuracy(m, length)) for m in s.methods
                          if m != "dense" and s.family[m] == family)
             pts = [(100 * d, 100 * a) for d, a in pts if d is not None and a is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=family)
         ax.set_title(f"{length} tokens")
-        ax.set_xlabel("density read (%)")
+        ax.set_xlabel("density read (%; decode only where prefill is dense)")
         ax.set_xlim(0, 105)
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
