@@ -27,6 +27,7 @@ BUDGETS: dict[str, Budget] = {
     "dual": DualTopP(p=0.9, sink=32, recent=48, min_tokens=64),
     "dual_floor_cap": DualTopP(p=0.95, sink=16, recent=16, min_tokens=256, max_tokens=512),
     "dual_cap_binds": DualTopP(p=0.99, sink=48, recent=32, min_tokens=32, max_tokens=96),
+    "dual_floor_binds": DualTopP(p=0.5, sink=16, recent=16, min_tokens=1600),
 }
 
 
@@ -69,6 +70,7 @@ def case(
     spread: float = 12.0,
     seed: int = 0,
     device: str = "cpu",
+    warps: int | None = None,
 ) -> Callable[[], str | None]:
     def run() -> str | None:
         from spotattn.kernels._triton.select import select_decode_fused
@@ -96,7 +98,7 @@ def case(
             if by_len
             else dict(row_first_block=first.to(dev), row_last_block=last.to(dev))
         )
-        got = select_decode_fused(scores.to(dev), bud, bs, nb, logits=logits, seq_start=start, **kw)
+        got = select_decode_fused(scores.to(dev), bud, bs, nb, logits=logits, seq_start=start, num_warps=warps, **kw)
         return _same(got, ref)
 
     return run
@@ -110,12 +112,23 @@ def interpreter_cases() -> dict[str, Callable[[], str | None]]:
         cases[f"{name}-logits-pad"] = case(name, padded=True, logits=True, seed=3)
     cases["topp-flat"] = case("topp", spread=2.0, seed=4)  # nucleus over many blocks
     cases["dual-sharp"] = case("dual", spread=60.0, seed=5)  # nucleus within the forced blocks
+    cases["dual-floor-sharp"] = case("dual_floor_binds", spread=40.0, seed=27)  # floor far above the nucleus
     cases["dual-queries3-rows"] = case("dual_floor_cap", queries=3, by_len=False, live=3071, seed=6)
     cases["topk-queries8-boundary"] = case("topk", queries=8, live=3205, seed=7)
     cases["topk-short-b4"] = case("topk", b=4, g=1, nb=40, live=200, padded=True, seed=8)
     cases["dual-cap-b4-logits"] = case("dual_cap_binds", b=4, g=1, nb=1000, live=15000, logits=True, seed=9)
     cases["topp-bs64"] = case("topp", bs=64, nb=100, live=6000, padded=True, seed=10)
     cases["ties-lowest-first"] = _ties_case
+    for name, bud, levels, seed in (
+        ("topk", TopK(800), 4, 20),
+        ("topp", TopP(0.9), 6, 21),
+        ("dual-cap", DualTopP(p=0.8, sink=32, recent=32, min_tokens=64, max_tokens=1024), 3, 22),
+        ("topp-flat", TopP(0.453), 1, 23),  # one tied value: the nucleus over more tied keys than a band holds
+    ):
+        cases[f"ties-{name}"] = _tied_levels_case(bud, levels, seed)
+    cases["narrow-w2-dual-cap"] = case("dual_cap_binds", nb=300, padded=True, logits=True, warps=2, seed=24)
+    cases["narrow-w1-topp"] = case("topp", b=1, g=3, nb=100, live=1580, warps=1, seed=25)
+    cases["nb-pow2-plus-8"] = case("topk", b=1, g=1, nb=1032, live=16500, logits=True, seed=26)
     for fmt in ("int4", "bf16"):
         for groups in (1, 2):
             cases[f"prep-{fmt}-g{groups}"] = _prep_case(fmt, groups)
@@ -138,6 +151,49 @@ def _ties_case() -> str | None:
     if got.block_ids[0, 0, 0, :10].tolist() != want:
         return f"tied ids {got.block_ids[0, 0, 0, :10].tolist()}, want {want}"
     return None
+
+
+def _tied_levels_case(bud: Budget, levels: int, seed: int) -> Callable[[], str | None]:
+    """Masses on a few levels (many exact ties, padding, batch 2): counts as ``select_blocks``; every forced
+    block kept; the residual blocks kept are the largest, ties going to the lowest-numbered blocks."""
+
+    def run() -> str | None:
+        from spotattn.kernels._triton.select import select_decode_fused
+        from spotattn.selection import _forced_blocks, allowed_blocks
+
+        gen = torch.Generator().manual_seed(seed)
+        b, nb, bs, live = 2, 700, 16, 11000
+        mass = (torch.randint(1, levels + 1, (b, 1, 1, nb), generator=gen).float() / levels) ** 3
+        seq_start = torch.tensor([0, 300])
+        ref = _reference(mass, bud, bs, live, 1, seq_start)
+        got = select_decode_fused(mass, bud, bs, nb, logits=False, seq_len=torch.tensor(live), seq_start=seq_start)
+        if not torch.equal(got.counts, ref.counts):
+            return f"counts {got.counts.flatten().tolist()} vs {ref.counts.flatten().tolist()}"
+        first, last = rows_for_decode(1, live, bs, "cpu")
+        allowed = allowed_blocks(nb, last, bs, seq_start, b)
+        n_sink, n_recent = (2, 2) if isinstance(bud, DualTopP) else (1, 1)
+        forced = _forced_blocks(allowed, first, last, seq_start // bs, n_sink, n_recent)
+        for i in range(b):
+            ids = got.block_ids[i, 0, 0, : int(got.counts[i, 0, 0])].tolist()
+            if ids != sorted(set(ids)):
+                return f"row {i}: ids not ascending and distinct"
+            kept = torch.zeros(nb, dtype=torch.bool)
+            kept[ids] = True
+            if bool((forced[i, 0, 0] & ~kept).any()):
+                return f"row {i}: a forced block is missing"
+            residual = allowed[i, 0, 0] & ~forced[i, 0, 0]
+            picked, left = residual & kept, residual & ~kept
+            if bool(picked.any()) and bool(left.any()):
+                low = float(mass[i, 0, 0][picked].min())
+                if float(mass[i, 0, 0][left].max()) > low:
+                    return f"row {i}: a larger residual block was left out"
+                tied = (residual & (mass[i, 0, 0] == low)).nonzero().flatten()
+                n_tied = int((picked & (mass[i, 0, 0] == low)).sum())
+                if not bool(kept[tied[:n_tied]].all()):
+                    return f"row {i}: ties not resolved to the lowest-numbered blocks"
+        return None
+
+    return run
 
 
 def _width_case() -> str | None:
