@@ -342,6 +342,130 @@ def bench_decode(
     return rows
 
 
+# ---------------------------------------------------------------------------------- decode selection
+SELECT_BUDGETS = ("topk:4096", "dual:0.9:4096", "topp:0.9")
+
+
+def _select_budget(text: str):
+    from ..types import DualTopP, TopK, TopP
+
+    kind, *rest = text.split(":")
+    if kind == "topk":
+        return TopK(int(rest[0]))
+    if kind == "topp":
+        return TopP(float(rest[0]))
+    if kind == "dual":
+        return DualTopP(p=float(rest[0]), max_tokens=int(rest[1]) if len(rest) > 1 else None)
+    raise click.BadParameter(f"budget {text!r}: use topk:N, topp:P or dual:P[:MAX_TOKENS]", param_hint="--budgets")
+
+
+def bench_select(
+    blocks: Sequence[int] = (8200, 2056),
+    batches: Sequence[int] = (1, 4),
+    budgets: Sequence[str] = SELECT_BUDGETS,
+    spreads: Sequence[float] = (1.0, 4.0),
+    warps: Sequence[int | None] = (None,),
+    key_format: str = "int4",
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Time the fused decode selection (``select_decode_fused``) alone, and the fused int4 scoring kernel
+    that feeds it, each replayed from a CUDA graph (median).
+
+    Scores: one row of ``NB`` block logits per sequence, N(0, ``spread``) (a larger spread is a more peaked
+    selector). The row is the static-cache decode case: ``NB`` blocks of 16 tokens over the buffer, the live
+    length ``16 * NB - 100`` tokens. Every configuration is first checked against ``select_blocks``
+    (PyTorch) on the same input. ``warps``: launch widths to compare (None: the kernel's own choice).
+    """
+    from ..kernels._triton.select import _tiles, select_decode_fused
+    from ..runtime.select import _cap_blocks, _forced_counts
+    from ..selection import rows_for_decode, select_blocks
+    from ..spot.quant import quantize
+    from ..spot.triton_score import score_blocks_triton
+
+    dev = torch.device("cuda")
+    bs = 16
+    rows = []
+    for nb in blocks:
+        for batch in batches:
+            live = bs * nb - 100
+            seq_len = torch.tensor(live, device=dev)
+            first, last = rows_for_decode(1, live, bs, dev)
+            allowed = torch.arange(nb, device=dev) <= last
+            # The scoring kernel over a buffer of nb blocks: Qwen3-8B's selector shape (4 heads x 128).
+            gen = torch.Generator(device=dev).manual_seed(nb)
+            parts = quantize(torch.randn(batch, nb * bs, 128, device=dev, generator=gen), key_format)
+            q = torch.randn(batch, 4, 1, 128, device=dev, generator=gen) * 128**-0.5
+            w = torch.rand(batch, 1, 4, 1, device=dev, generator=gen)
+            t_score = _bench_graph(functools.partial(score_blocks_triton, q, w, parts, key_format, nb * bs, bs))
+            for spread in spreads:
+                logits = torch.randn(batch, 1, 1, nb, device=dev, generator=gen) * spread
+                mass = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+                for text in budgets:
+                    budget = _select_budget(text)
+                    ref = select_blocks(mass, budget, bs, row_first_block=first, row_last_block=last)
+                    k = ref.block_ids.shape[-1]
+                    n_sink, n_recent = _forced_counts(budget, bs)
+                    width = n_sink + max(n_recent, 2) + _cap_blocks(budget, bs, nb)  # as the decode path
+                    for nw in warps:
+
+                        run = functools.partial(
+                            select_decode_fused, logits, budget, bs, width, logits=True, seq_len=seq_len, num_warps=nw
+                        )
+                        got = run()
+                        same = torch.equal(got.counts, ref.counts)
+                        same = same and torch.equal(got.block_ids[..., :k], ref.block_ids)
+                        t = _bench_graph(run)
+                        row = dict(
+                            blocks=nb,
+                            batch=batch,
+                            budget=text,
+                            spread=spread,
+                            num_warps=_tiles(nb, nw)[0],
+                            select_us=t * 1e3,
+                            score_us=t_score * 1e3,
+                            kept_blocks=float(ref.counts.float().mean()),
+                            matches_select_blocks=same,
+                        )
+                        rows.append(row)
+                        log(json.dumps(row))
+    return rows
+
+
+def select_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| blocks | B | budget | spread | warps | selection us | int4 scoring us | kept | = select_blocks |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['blocks']} | {r['batch']} | {r['budget']} | {r['spread']} | {r['num_warps']} | "
+            f"{r['select_us']:.1f} | {r['score_us']:.1f} | {r['kept_blocks']:.0f} | {r['matches_select_blocks']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@click.command("select")
+@click.option("--blocks", default="8200,2056", show_default=True, help="blocks per row (16-token blocks)")
+@click.option("--batch", "batches", default="1,4", show_default=True, help="comma-separated batch sizes")
+@click.option("--budgets", default=",".join(SELECT_BUDGETS), show_default=True, help="topk:N, topp:P, dual:P[:MAX]")
+@click.option("--spreads", default="1,4", show_default=True, help="std of the random block logits")
+@click.option("--warps", default="auto", show_default=True, help="launch widths to compare, e.g. auto,4,8,16")
+def select_command(blocks, batches, budgets, spreads, warps) -> None:
+    """Time the fused decode-row selection kernel alone (and the int4 scoring kernel), from CUDA graphs."""
+    if not torch.cuda.is_available():
+        raise click.ClickException("the selection benchmark needs a CUDA GPU")
+    rows = bench_select(
+        _ints(blocks),
+        _ints(batches),
+        tuple(b.strip() for b in budgets.split(",")),
+        tuple(float(x) for x in spreads.split(",")),
+        tuple(None if x.strip() == "auto" else int(x) for x in warps.split(",")),
+        log=lambda m: click.echo(m, err=True),
+    )
+    click.echo(f"{torch.cuda.get_device_name()}, selection and scoring kernels, median us (CUDA graph replay)\n")
+    click.echo(select_markdown(rows))
+
+
 # ----------------------------------------------------------------------------------------- report
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
