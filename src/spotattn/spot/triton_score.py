@@ -20,11 +20,12 @@ _FMT_ID = {"bf16": 0, "int4": 1, "mxfp4": 2, "nvfp4": 3}
 
 @triton.jit
 def _e2m1(codes):
+    # E2M1 (sign in bit 3) built as float32 bits, exactly: magnitude m = 2e + f is 0.5 f for e = 0, else
+    # 2**(e - 1) (1 + f / 2), i.e. exponent field e + 126 and mantissa bit f (no exp2, no conversion).
     mag = codes & 7
-    e = (mag >> 1).to(tl.float32)
-    m = (mag & 1).to(tl.float32)
-    val = tl.where(e == 0.0, 0.5 * m, tl.exp2(e - 1.0) * (1.0 + 0.5 * m))
-    return tl.where((codes & 8) != 0, -val, val)
+    e = mag >> 1
+    bits = tl.where(e == 0, tl.where(mag == 1, 126 << 23, 0), ((e + 126) << 23) | ((mag & 1) << 22))
+    return (bits | ((codes & 8) << 28)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -33,6 +34,17 @@ def _e4m3(bits):
     e = ((bits >> 3) & 15).to(tl.float32)
     m = (bits & 7).to(tl.float32)
     return tl.where(e == 0.0, m * 0.125 * 0.015625, (1.0 + m * 0.125) * tl.exp2(e - 7.0))
+
+
+@triton.jit
+def _dequant(codes, scale, FMT: tl.constexpr, N: tl.constexpr, C: tl.constexpr, GC: tl.constexpr):
+    """(N, C) 4-bit codes -> float32 values times their group scale (GC columns per group)."""
+    if FMT == 1:
+        # code - 8, exactly, without an int->float conversion: 2**23 + code as float bits, minus 2**23 + 8.
+        vals = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    else:
+        vals = _e2m1(codes)
+    return (vals.reshape(N, C // GC, GC) * scale[:, :, None]).reshape(N, C)
 
 
 @triton.jit
@@ -75,26 +87,31 @@ def _score_kernel(
     if FMT == 0:
         k = tl.load(K + b * skb + offs_n[:, None] * skn + offs_d[None, :], mask=in_n[:, None], other=0.0)
         k = k.to(tl.float32)
+        q = tl.load(Q + b * sqb + offs_h[:, None] * sqh + offs_d[None, :], mask=(offs_h < H)[:, None], other=0.0)
+        dots = tl.dot(k, tl.trans(q.to(tl.float32)))  # (BLOCK_N, HP)
     else:
+        # Byte i holds elements 2i (low nibble) and 2i+1 (high nibble): score the even and the odd halves
+        # with one dot each instead of interleaving them (a join/reshape would force the dequantised tile
+        # through shared memory before the tensor-core dot).
         offs_p = tl.arange(0, D // 2)
         packed = tl.load(K + b * skb + offs_n[:, None] * skn + offs_p[None, :], mask=in_n[:, None], other=0)
         packed = packed.to(tl.int32)
-        codes = tl.join(packed & 15, packed >> 4).reshape(BLOCK_N, D)
         offs_g = tl.arange(0, D // GS)
         sraw = tl.load(S + b * ssb + offs_n[:, None] * ssn + offs_g[None, :], mask=in_n[:, None], other=0)
         if FMT == 1:
-            vals = codes.to(tl.float32) - 8.0
             scale = sraw.to(tl.float32)
         elif FMT == 2:
-            vals = _e2m1(codes)
             scale = tl.exp2(sraw.to(tl.float32) - 127.0)
         else:
-            vals = _e2m1(codes)
             scale = _e4m3(sraw.to(tl.int32))
-        k = (vals.reshape(BLOCK_N, D // GS, GS) * scale[:, :, None]).reshape(BLOCK_N, D)
+        k_even = _dequant(packed & 15, scale, FMT, BLOCK_N, D // 2, GS // 2)
+        k_odd = _dequant(packed >> 4, scale, FMT, BLOCK_N, D // 2, GS // 2)
+        q_rows = Q + b * sqb + offs_h[:, None] * sqh + 2 * offs_p[None, :]
+        q_even = tl.load(q_rows, mask=(offs_h < H)[:, None], other=0.0).to(tl.float32)
+        q_odd = tl.load(q_rows + 1, mask=(offs_h < H)[:, None], other=0.0).to(tl.float32)
+        dots = tl.dot(k_even, tl.trans(q_even))
+        dots = tl.dot(k_odd, tl.trans(q_odd), dots)  # (BLOCK_N, HP)
 
-    q = tl.load(Q + b * sqb + offs_h[:, None] * sqh + offs_d[None, :], mask=(offs_h < H)[:, None], other=0.0)
-    dots = tl.dot(k, tl.trans(q.to(tl.float32)))  # (BLOCK_N, HP)
     relu = tl.maximum(dots, 0.0)
 
     valid = in_n
@@ -120,10 +137,12 @@ def score_blocks_triton(
     block_size: int,
     seq_start: torch.Tensor | None = None,
     block_n: int = 64,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Block logits ``(B, G, 1, NB)`` of one query per sequence over the first ``num_keys`` cached keys.
 
     ``q`` ``(B, H, 1, d)`` (already scaled), ``w`` ``(B, G, H, 1)``; ``parts`` as from ``quantize``.
+    ``block_n`` keys per program and ``num_warps`` set the tiling (benchmarks; results do not depend on it).
     """
     check_format(fmt)
     b, h, lq, d = q.shape
@@ -166,5 +185,6 @@ def score_blocks_triton(
         BS=block_size,
         BLOCK_N=block_n,
         HAS_START=seq_start is not None,
+        num_warps=num_warps,
     )
     return out
