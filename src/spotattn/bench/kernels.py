@@ -365,22 +365,19 @@ def bench_select(
     budgets: Sequence[str] = SELECT_BUDGETS,
     spreads: Sequence[float] = (1.0, 4.0),
     warps: Sequence[int | None] = (None,),
-    key_format: str = "int4",
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Time the fused decode selection (``select_decode_fused``) alone, and the fused int4 scoring kernel
-    that feeds it, each replayed from a CUDA graph (median).
+    """Time the fused decode selection (``select_decode_fused``) alone, replayed from a CUDA graph (median).
 
     Scores: one row of ``NB`` block logits per sequence, N(0, ``spread``) (a larger spread is a more peaked
     selector). The row is the static-cache decode case: ``NB`` blocks of 16 tokens over the buffer, the live
-    length ``16 * NB - 100`` tokens. Every configuration is first checked against ``select_blocks``
-    (PyTorch) on the same input. ``warps``: launch widths to compare (None: the kernel's own choice).
+    length ``16 * NB - 100`` tokens, the output width as the decode path sets it. Every configuration is
+    first checked against ``select_blocks`` (PyTorch) on the same input. ``warps``: launch widths to compare
+    (None: the kernel's own choice).
     """
     from ..kernels._triton.select import _tiles, select_decode_fused
     from ..runtime.select import _cap_blocks, _forced_counts
     from ..selection import rows_for_decode, select_blocks
-    from ..spot.quant import quantize
-    from ..spot.triton_score import score_blocks_triton
 
     dev = torch.device("cuda")
     bs = 16
@@ -391,12 +388,7 @@ def bench_select(
             seq_len = torch.tensor(live, device=dev)
             first, last = rows_for_decode(1, live, bs, dev)
             allowed = torch.arange(nb, device=dev) <= last
-            # The scoring kernel over a buffer of nb blocks: Qwen3-8B's selector shape (4 heads x 128).
             gen = torch.Generator(device=dev).manual_seed(nb)
-            parts = quantize(torch.randn(batch, nb * bs, 128, device=dev, generator=gen), key_format)
-            q = torch.randn(batch, 4, 1, 128, device=dev, generator=gen) * 128**-0.5
-            w = torch.rand(batch, 1, 4, 1, device=dev, generator=gen)
-            t_score = _bench_graph(functools.partial(score_blocks_triton, q, w, parts, key_format, nb * bs, bs))
             for spread in spreads:
                 logits = torch.randn(batch, 1, 1, nb, device=dev, generator=gen) * spread
                 mass = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
@@ -407,22 +399,19 @@ def bench_select(
                     n_sink, n_recent = _forced_counts(budget, bs)
                     width = n_sink + max(n_recent, 2) + _cap_blocks(budget, bs, nb)  # as the decode path
                     for nw in warps:
-
                         run = functools.partial(
                             select_decode_fused, logits, budget, bs, width, logits=True, seq_len=seq_len, num_warps=nw
                         )
                         got = run()
                         same = torch.equal(got.counts, ref.counts)
                         same = same and torch.equal(got.block_ids[..., :k], ref.block_ids)
-                        t = _bench_graph(run)
                         row = dict(
                             blocks=nb,
                             batch=batch,
                             budget=text,
                             spread=spread,
                             num_warps=_tiles(nb, nw)[0],
-                            select_us=t * 1e3,
-                            score_us=t_score * 1e3,
+                            select_us=_bench_graph(run) * 1e3,
                             kept_blocks=float(ref.counts.float().mean()),
                             matches_select_blocks=same,
                         )
@@ -431,15 +420,71 @@ def bench_select(
     return rows
 
 
-def select_markdown(rows: list[dict]) -> str:
+def bench_score(
+    blocks: Sequence[int] = (8200, 2056),
+    batches: Sequence[int] = (1, 4),
+    tiles: Sequence[tuple[int, int]] = ((64, 4),),
+    key_format: str = "int4",
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Time the fused selector scoring kernel (``score_blocks_triton``) over ``16 * NB`` cached keys in the
+    Qwen3-8B selector shape (4 heads x 128), per (keys per program, warps) tile, from a CUDA graph."""
+    from ..spot.quant import bytes_per_token, quantize
+    from ..spot.triton_score import score_blocks_triton
+
+    dev = torch.device("cuda")
+    rows = []
+    for nb in blocks:
+        for batch in batches:
+            gen = torch.Generator(device=dev).manual_seed(nb)
+            parts = quantize(torch.randn(batch, nb * 16, 128, device=dev, generator=gen), key_format)
+            q = torch.randn(batch, 4, 1, 128, device=dev, generator=gen) * 128**-0.5
+            w = torch.rand(batch, 1, 4, 1, device=dev, generator=gen)
+            ref = score_blocks_triton(q, w, parts, key_format, nb * 16, 16)
+            for block_n, nw in tiles:
+                run = functools.partial(
+                    score_blocks_triton, q, w, parts, key_format, nb * 16, 16, block_n=block_n, num_warps=nw
+                )
+                err = float((run() - ref).abs().max())
+                t = _bench_graph(run)
+                row = dict(
+                    blocks=nb,
+                    batch=batch,
+                    key_format=key_format,
+                    block_n=block_n,
+                    num_warps=nw,
+                    score_us=t * 1e3,
+                    tbps=batch * nb * 16 * bytes_per_token(parts) / (t * 1e-3) / 1e12,
+                    max_abs_diff_vs_first_tile=err,
+                )
+                rows.append(row)
+                log(json.dumps(row))
+    return rows
+
+
+def select_markdown(rows: list[dict], score_rows: list[dict]) -> str:
     lines = [
-        "| blocks | B | budget | spread | warps | selection us | int4 scoring us | kept | = select_blocks |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Fused decode selection (`select_decode_fused`), median us of CUDA-graph replay:",
+        "",
+        "| blocks | B | budget | spread | warps | selection us | kept blocks | = select_blocks |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['blocks']} | {r['batch']} | {r['budget']} | {r['spread']} | {r['num_warps']} | "
-            f"{r['select_us']:.1f} | {r['score_us']:.1f} | {r['kept_blocks']:.0f} | {r['matches_select_blocks']} |"
+            f"{r['select_us']:.1f} | {r['kept_blocks']:.0f} | {r['matches_select_blocks']} |"
+        )
+    lines += [
+        "",
+        "Selector scoring (`score_blocks_triton`, 4 heads x 128, 16 keys per block), median us:",
+        "",
+        "| blocks | B | format | keys/program | warps | scoring us | TB/s | max diff vs first tile |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in score_rows:
+        lines.append(
+            f"| {r['blocks']} | {r['batch']} | {r['key_format']} | {r['block_n']} | {r['num_warps']} | "
+            f"{r['score_us']:.1f} | {r['tbps']:.2f} | {r['max_abs_diff_vs_first_tile']:.1e} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -449,21 +494,27 @@ def select_markdown(rows: list[dict]) -> str:
 @click.option("--batch", "batches", default="1,4", show_default=True, help="comma-separated batch sizes")
 @click.option("--budgets", default=",".join(SELECT_BUDGETS), show_default=True, help="topk:N, topp:P, dual:P[:MAX]")
 @click.option("--spreads", default="1,4", show_default=True, help="std of the random block logits")
-@click.option("--warps", default="auto", show_default=True, help="launch widths to compare, e.g. auto,4,8,16")
-def select_command(blocks, batches, budgets, spreads, warps) -> None:
-    """Time the fused decode-row selection kernel alone (and the int4 scoring kernel), from CUDA graphs."""
+@click.option("--warps", default="auto", show_default=True, help="selection launch widths, e.g. auto,4,8,16")
+@click.option("--score-tiles", default="64x4,128x4,128x8,256x8", show_default=True,
+              help="scoring kernel tiles, keys per program x warps")
+@click.option("--key-format", default="int4", show_default=True, help="selector key format for the scoring kernel")
+def select_command(blocks, batches, budgets, spreads, warps, score_tiles, key_format) -> None:
+    """Time the fused decode-row selection kernel and the selector scoring kernel alone, from CUDA graphs."""
     if not torch.cuda.is_available():
         raise click.ClickException("the selection benchmark needs a CUDA GPU")
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
     rows = bench_select(
         _ints(blocks),
         _ints(batches),
         tuple(b.strip() for b in budgets.split(",")),
         tuple(float(x) for x in spreads.split(",")),
         tuple(None if x.strip() == "auto" else int(x) for x in warps.split(",")),
-        log=lambda m: click.echo(m, err=True),
+        log=log,
     )
-    click.echo(f"{torch.cuda.get_device_name()}, selection and scoring kernels, median us (CUDA graph replay)\n")
-    click.echo(select_markdown(rows))
+    tiles = tuple(tuple(int(v) for v in t.split("x")) for t in score_tiles.split(","))
+    score_rows = bench_score(_ints(blocks), _ints(batches), tiles, key_format, log=log)
+    click.echo(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
+    click.echo(select_markdown(rows, score_rows))
 
 
 # ----------------------------------------------------------------------------------------- report
