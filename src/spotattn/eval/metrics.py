@@ -110,6 +110,65 @@ def attention_recall(
     return (total / count.clamp(min=1)).float()
 
 
+def block_attention_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    block_size: int,
+    seq_start: torch.Tensor | None = None,
+    chunk: int = 512,
+) -> torch.Tensor:
+    """Exact causal attention mass summed per (query block, key block): float64 ``(B, Hq, R, NB)``.
+
+    ``query`` ``(B, Hq, Lq, D)`` are the last ``Lq`` positions of ``key`` ``(B, Hkv, Lk, D)``; rows are
+    query blocks aligned to absolute positions (row 0 holds the first query), as in a prefill selection.
+    Each valid query contributes mass 1 spread over its key blocks, so the recall of any block mask is
+    ``(mass * mask).sum() / mass.sum()``, and many masks can be scored from one exact attention pass.
+    """
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    group = hq // hkv
+    offset = lk - lq
+    first = offset // block_size
+    num_blocks = -(-lk // block_size)
+    rows = num_blocks - first
+    start = (seq_start if seq_start is not None else torch.zeros(b, dtype=torch.long, device=key.device))
+    start = start.view(b, 1, 1, 1)
+    out = torch.zeros(b, hkv, group, rows, num_blocks, dtype=torch.float64, device=query.device)
+    keys = key.float()
+    for a in range(0, lq, chunk):
+        e = min(lq, a + chunk)
+        n = e - a
+        last_key = offset + e  # keys past the chunk's last query are never seen: skip them
+        kc = keys[:, :, :last_key]
+        qc = query[:, :, a:e].float().reshape(b, hkv, group * n, d)
+        qpos = (torch.arange(a, e, device=query.device) + offset).repeat(group)
+        kpos = torch.arange(last_key, device=query.device)
+        allowed = (kpos <= qpos.unsqueeze(-1)) & (kpos >= start)
+        scores = (qc @ kc.transpose(-1, -2) * scale).masked_fill_(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a query with no key (padding): no mass
+        mass = block_sums(probs, block_size).view(b, hkv, group, n, -1)
+        row = (torch.arange(a, e, device=query.device) + offset) // block_size - first
+        out[..., : mass.shape[-1]].index_add_(3, row, mass.double())
+    return out.view(b, hq, rows, num_blocks)
+
+
+def mask_recall(mass: torch.Tensor, mask: torch.Tensor, *, mass_first_row: int = 0, mask_first_row: int = 0) -> float:
+    """Share of the exact attention mass ``(B, Hq, R, NB)`` (see :func:`block_attention_mass`) inside a
+    block mask ``(B, G, R', NB')`` at the same or a coarser block size (a whole multiple of the mass's),
+    G dividing Hq (one list per kv-group, or one per head). The first rows are absolute query blocks
+    (``Selection.first_row``), each at its own block size."""
+    b, hq, rows, nb = mass.shape
+    f = -(-nb // mask.shape[3])
+    if -(-nb // f) != mask.shape[3] or hq % mask.shape[1]:
+        raise ValueError(f"mask_recall: the mask {tuple(mask.shape)} does not tile the mass {tuple(mass.shape)}")
+    m = mask.repeat_interleave(f, dim=3)[..., :nb].repeat_interleave(f, dim=2)
+    skip = mass_first_row - mask_first_row * f  # fine rows of the first coarse row that hold no query
+    m = m[:, :, skip : skip + rows].repeat_interleave(hq // mask.shape[1], dim=1)
+    total = float(mass.sum())
+    return float((mass * m).sum()) / total if total > 0 else 1.0
+
+
 class RecallRecorder:
     """Attaches to a sparsified model and accumulates attention recall per layer and phase.
 
