@@ -132,6 +132,7 @@ def _ascending(fA, fB, Flags, HAS_B: tl.constexpr, T: tl.constexpr, EA: tl.const
     [t * EA, (t + 1) * EA) (then the B part), one vector load per thread. Returns the blocks and positions
     in that order, and the flags.
     """
+    tl.debug_barrier()  # an earlier pass's reads of the byte row are done
     tl.store(Flags + _flat(_tile(EA, T, 0)), _flat(fA.to(tl.int8)))
     if HAS_B:
         tl.store(Flags + _flat(_tile(EB, T, EA * T)), _flat(fB.to(tl.int8)))
@@ -469,6 +470,8 @@ def _tiles(nb: int, num_warps: int | None) -> tuple[int, int, int, int, int]:
     blocks, tile B covers the rest (so a row of 8200 blocks takes 8192 + 512 slots, not 16384)."""
     if num_warps is None:
         num_warps = 4 if nb <= 1024 else 8 if nb <= 4096 else 16
+    if num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"select_decode_fused: num_warps must be a power of two up to 32, got {num_warps}")
     t = 32 * num_warps
     ea = 1
     while 2 * ea * t <= nb:
