@@ -13,7 +13,7 @@ rather than 16384) and applies the rules of :func:`spotattn.selection.select_blo
   (non-negative floats order like their bit patterns). A threshold is found in two stages:
   1. bisection on the key bits, starting from the bracket (smallest, largest residual key], one
      block-wide reduction (count, and mass for the nucleus) per step, only until the bracket holds at
-     most ``S`` keys (64 at 16 warps): typically 5-9 steps instead of 31;
+     most ``S`` keys (64 from 8 warps up): typically 5-9 steps instead of 31;
   2. those keys are gathered through a small scratch row and ranked pairwise (``S x S``) in the order
      (probability descending, block ascending), which gives each one's exact rank and the mass ranked
      before it: the nucleus count and the count threshold come out directly. The nucleus band usually
@@ -478,7 +478,7 @@ def _tiles(nb: int, num_warps: int | None) -> tuple[int, int, int, int, int]:
         ea *= 2
     rem = nb - ea * t
     eb = next_pow2(-(-rem // t)) if rem > 0 else 0
-    return num_warps, t, ea, eb, max(32, t // 8)
+    return num_warps, t, ea, eb, max(32, min(64, t // 4))
 
 
 def select_decode_fused(
