@@ -71,6 +71,7 @@ def _prep_kernel(
     Wout,
     K,
     S,
+    sxb,
     skb,
     skn,
     ssb,
@@ -94,8 +95,8 @@ def _prep_kernel(
     s = tl.sin(angle)
 
     # The new selector key: norm, rotate, encode, write at `pos`.
-    k1 = tl.load(KL + b * D + i).to(tl.float32)
-    k2 = tl.load(KL + b * D + HALF + i).to(tl.float32)
+    k1 = tl.load(KL + b * sxb + i).to(tl.float32)
+    k2 = tl.load(KL + b * sxb + HALF + i).to(tl.float32)
     kw1 = tl.load(KNW + i).to(tl.float32)
     kw2 = tl.load(KNW + HALF + i).to(tl.float32)
     y1, y2 = _norm_rope(k1, k2, kw1, kw2, c, s, eps, D)
@@ -111,7 +112,7 @@ def _prep_kernel(
     # Every query head at once: (HP, HALF) tiles.
     h = tl.arange(0, HP)
     hm = (h < H)[:, None]
-    qrow = QL + b * (H * D) + h[:, None] * D + i[None, :]
+    qrow = QL + b * sxb + h[:, None] * D + i[None, :]
     q1 = tl.load(qrow, mask=hm, other=0.0).to(tl.float32)
     q2 = tl.load(qrow + HALF, mask=hm, other=0.0).to(tl.float32)
     qw1 = tl.load(QNW + i).to(tl.float32)[None, :]
@@ -123,13 +124,28 @@ def _prep_kernel(
 
     # Head weights: (B, 1, G*H) in the projection's order is (B, G, H, 1) in memory.
     gh = tl.arange(0, GHP)
-    wv = tl.load(WL + b * GH + gh, mask=gh < GH, other=0.0).to(tl.float32)
+    wv = tl.load(WL + b * sxb + gh, mask=gh < GH, other=0.0).to(tl.float32)
     tl.store(Wout + b * GH + gh, wv, mask=gh < GH)
 
 
 def fused_prep_supported(layer: SelectorLayer, fmt: str, hidden: torch.Tensor) -> bool:
     d = layer.config.head_dim
     return fmt in FUSED_FORMATS and hidden.shape[1] == 1 and d % 64 == 0 and (d & (d - 1)) == 0
+
+
+def _fused_projection(layer: SelectorLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's q, k and w projections stacked into one weight and bias; cached on the layer and rebuilt
+    when any of the weights changes (training, loading, moving)."""
+    parts = (layer.q_proj.weight, layer.k_proj.weight, layer.w_proj.weight, layer.w_proj.bias)
+    key = tuple((t.data_ptr(), t._version) for t in parts)
+    cached = getattr(layer, "_fused_projection", None)
+    if cached is None or cached[0] != key:
+        qw, kw, ww, wb = parts
+        weight = torch.cat([qw, kw, ww]).detach()
+        bias = torch.cat([wb.new_zeros(qw.shape[0] + kw.shape[0]), wb]).detach().to(weight.dtype)
+        cached = (key, weight, bias)
+        layer._fused_projection = cached
+    return cached[1], cached[2]
 
 
 def _inv_freq(device: torch.device, dim: int, theta: float, max_wavelength: float | None) -> torch.Tensor:
@@ -155,9 +171,10 @@ def selector_decode_prep(
     b = hidden.shape[0]
     h, d, g = cfg.num_heads, cfg.head_dim, cfg.num_groups
     x = hidden.to(layer.q_proj.weight.dtype)
-    ql = F.linear(x, layer.q_proj.weight).contiguous()
-    kl = F.linear(x, layer.k_proj.weight).contiguous()
-    wl = F.linear(x, layer.w_proj.weight, layer.w_proj.bias).contiguous()
+    # One GEMV for the three projections (q heads, key, head weights): rows of ``proj`` are [q | k | w].
+    weight, bias = _fused_projection(layer)
+    proj = F.linear(x.reshape(b, -1), weight, bias)
+    ql, kl, wl = proj, proj[:, h * d :], proj[:, h * d + d :]
     q = torch.empty(b, h, 1, d, device=hidden.device, dtype=torch.float32)
     w = torch.empty(b, g, h, 1, device=hidden.device, dtype=torch.float32)
     s = scale_buf if scale_buf is not None else key_buf
@@ -173,6 +190,7 @@ def selector_decode_prep(
         w,
         key_buf,
         s,
+        proj.stride(0),
         key_buf.stride(0),
         key_buf.stride(1),
         s.stride(0),
