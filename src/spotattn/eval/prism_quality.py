@@ -243,6 +243,9 @@ def summarize_runs(records: Sequence[dict], length: int, matched: set[str]) -> l
             "needle": needle.task_score(method, length, NEEDLE_TASK),
             "needle_samples": len(needle.cell(method, length, NEEDLE_TASK)),
         })
+    # Dense, then Prism, then meanpool (same p, then matched), each by block size (largest first) and p.
+    order = {"dense": 0, "prism": 1, "meanpool": 2}
+    rows.sort(key=lambda r: (order.get(r["name"], 3), -(r["block_size"] or 0), r["matched"], r["p"] or 0.0))
     return rows
 
 
@@ -490,6 +493,7 @@ def prism_quality(
 def main(model_name, length, documents, p_text, grid_text, block_sizes, run_block_sizes, run_methods, needles,
          needle_p_text, variants, match, out, seed, device, dtype, progress) -> None:
     """Prism against meanpool: perplexity, density, recall, and recall at equal density."""
+    import shlex  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
     try:
@@ -505,7 +509,7 @@ def main(model_name, length, documents, p_text, grid_text, block_sizes, run_bloc
             needle_p=_floats("--needle-p", needle_p_text), match=match, out=out, seed=seed, device=device,
             variants=[v.strip() for v in variants.split(";") if v.strip()],
             run_methods=[m.strip() for m in run_methods.split(",") if m.strip()],
-            dtype=dtype, progress=progress, command="python -m spotattn.eval.prism_quality " + " ".join(sys.argv[1:]),
+            dtype=dtype, progress=progress, command="python -m spotattn.eval.prism_quality " + shlex.join(sys.argv[1:]),
         )
     except EvalArgumentError as exc:
         raise click.BadParameter(exc.detail, param_hint=exc.param) from exc
