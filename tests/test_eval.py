@@ -343,3 +343,13 @@ def test_findings_use_decode_density_for_methods_with_dense_prefill():
     assert s.sparse_density("prism:b", 4096) == 0.99  # sparse prefill: prefill and decode together
     text = "\n".join(findings(s))
     assert "20.0% decode density" in text and "99.0% density" in text
+
+
+def test_sample_depths_do_not_depend_on_the_sample_count() -> None:
+    depths = [runner_mod.sample_depth("niah_single", i) for i in range(17)]
+    assert depths[:5] == [0.0, 1.0, 0.5, 0.25, 0.75]
+    assert len(set(depths)) == len(depths) and all(0.0 <= d <= 1.0 for d in depths)
+    # Every prefix of 2**k + 1 samples is the even grid of step 2**-k.
+    for k in range(5):
+        assert sorted(depths[: 2**k + 1]) == [j / 2**k for j in range(2**k + 1)]
+    assert runner_mod.sample_depth("vt", 3) is None

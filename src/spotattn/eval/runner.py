@@ -211,17 +211,28 @@ def sample_seed(seed: int, task: str, index: int) -> int:
     return (seed * 1_000_003 + index * 7_919 + zlib.crc32(task.encode())) % (2**31)
 
 
-def sample_depth(task: str, index: int, samples: int) -> float | None:
-    """Depth tasks sweep 0..1 evenly over the samples; the others draw positions from their seed."""
+def sample_depth(task: str, index: int) -> float | None:
+    """Depth of sample ``index`` for depth tasks (the others draw positions from their seed).
+
+    The sequence 0, 1, 1/2, 1/4, 3/4, 1/8, 3/8, ... (ends first, then base-2 van der Corput) covers 0..1
+    evenly at every prefix and does not depend on the number of samples, so a run with more samples
+    extends one with fewer instead of moving every needle.
+    """
     if task not in DEPTH_TASKS:
         return None
-    return 0.5 if samples == 1 else index / (samples - 1)
+    if index < 2:
+        return float(index)
+    depth, unit, n = 0.0, 0.5, index - 1
+    while n:
+        depth += unit * (n & 1)
+        n, unit = n >> 1, unit / 2
+    return depth
 
 
 def item_key(
     model_name: str, task: str, length: int, index: int, seed: int, depth: float | None, label: str
 ) -> str:
-    """Everything that decides an item's result (the depth too: it follows the number of samples)."""
+    """Everything that decides an item's result."""
     where = "-" if depth is None else f"{depth:.4f}"
     return f"{model_name}|{task}|{length}|{index}|seed={seed}|depth={where}|{label}"
 
@@ -363,7 +374,7 @@ def run_eval(
     done = {r["key"]: r for r in read_results(path) if "key" in r}
 
     plan = [(t, n, i) for i in range(samples) for n in length_list for t in task_names]
-    all_keys = [item_key(model_name, t, n, i, seed, sample_depth(t, i, samples), s.label)
+    all_keys = [item_key(model_name, t, n, i, seed, sample_depth(t, i), s.label)
                 for t, n, i in plan for s in specs]
     skipped = sum(k in done for k in all_keys)
     computed = 0
@@ -377,7 +388,7 @@ def run_eval(
             if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
                 sink.write("\n")  # a torn last line (interrupted write) must not swallow the next record
             for task, length, index in plan:
-                depth = sample_depth(task, index, samples)
+                depth = sample_depth(task, index)
                 keys = {s.label: item_key(model_name, task, length, index, seed, depth, s.label) for s in specs}
                 todo = [s for s in specs if keys[s.label] not in done]
                 if not todo:
