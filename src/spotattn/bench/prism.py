@@ -11,6 +11,17 @@ heads, head dim 128, RoPE base 1e6), bf16 on CUDA. Timed with CUDA events (media
 Random activations carry no real attention structure, so the density here is not a model's density;
 only the costs are meaningful. At short lengths the Triton mask is also checked against the PyTorch
 estimator (``mask_mismatch``). Writes ``prism.json`` and ``prism.md`` to ``--out``.
+
+Real-model mode (``--model``): the same costs on a real model's attention, at the density Prism selects
+there, per layer and summed over layers, with the sparse kernel also timed on a random mask of that
+density (``spotattn.bench.prism_model``)::
+
+    python -m spotattn.bench.prism --model /path/to/smollm2.gguf --text kjv.txt --lengths 8192 \
+        --p 0.93,0.95 --layers all --out bench_out/prism-model
+
+``--model`` takes what ``spotattn.load_model`` takes (a Hugging Face id or folder, a ``.gguf`` file,
+``smollm2-135m``); the first ``length`` tokens of ``--text`` are used; lengths above the model's window
+need ``--beyond-window``. Writes ``prism-model.json``, ``prism-model.md`` and ``prism-model.png``.
 """
 
 from __future__ import annotations
@@ -38,6 +49,15 @@ def _rope(x: torch.Tensor, base: float) -> torch.Tensor:
     cos, sin = torch.cat([ang.cos()] * 2, -1).to(x.dtype), torch.cat([ang.sin()] * 2, -1).to(x.dtype)
     rot = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
     return x * cos + rot * sin
+
+
+def prefill_density(selection: Selection, length: int) -> tuple[float, list[float]]:
+    """Share of the causally available tokens a full-prefill selection reads (block granularity), over
+    all kv-groups and per kv-group (batch summed)."""
+    on_host = Selection(selection.block_ids.cpu(), selection.counts.cpu(), selection.block_size, selection.first_row)
+    read, avail = density_of(on_host, length, length, None, decode=False)
+    per_group = (read.sum(0) / avail.sum(0)).tolist()
+    return float(read.sum() / avail.sum()), per_group
 
 
 def bench_length(shape_name: str, length: int, p: float, check: bool, log, device: str = "cuda") -> dict:
@@ -69,9 +89,7 @@ def bench_length(shape_name: str, length: int, p: float, check: bool, log, devic
     row["kernels_ms"] = _bench(lambda: prism_triton.prism_block_mask(qbar, kbar, bands, inv, p, bs, 0, None))
     row["estimate_ms"] = _bench(lambda: method.prefill(call))
     selection = method.prefill(call)
-    on_host = Selection(selection.block_ids.cpu(), selection.counts.cpu(), bs, selection.first_row)
-    read, avail = density_of(on_host, length, length, None, decode=False)
-    row["density"] = float(read.sum() / avail.sum())
+    row["density"] = prefill_density(selection, length)[0]
     if check:
         mask_t = prism_triton.prism_block_mask(qbar, kbar, bands, inv, p, bs, 0, None)
         mask_r = pooled_block_mask(qbar, kbar, bands, inv, p, bs, 0, None)
@@ -114,22 +132,66 @@ def write_report(rows: list[dict], out: Path) -> None:
 
 @click.command()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
-@click.option("--shape", default="qwen3-8b", type=click.Choice(sorted(SHAPES)))
-@click.option("--lengths", default="16384,131072", help="comma-separated sequence lengths")
-@click.option("--p", default=0.93, type=float)
-@click.option("--check-below", default=32768, type=int, help="compare with the PyTorch estimator below this")
-def main(out_dir: Path, shape: str, lengths: str, p: float, check_below: int) -> None:
-    """Time Prism's estimation against dense cuDNN prefill on one layer."""
-    if not torch.cuda.is_available():
-        raise click.ClickException("this benchmark needs CUDA")
+@click.option("--shape", default="qwen3-8b", type=click.Choice(sorted(SHAPES)), help="random mode: the layer shape")
+@click.option("--lengths", default=None,
+              help="comma-separated sequence lengths (random mode: 16384,131072; --model: the model's window)")
+@click.option("--p", "p_text", default=None,
+              help="top-p in (0, 1]: one value in random mode (0.93); with --model a comma-separated list (0.93,0.95)")
+@click.option("--check-below", default=32768, type=int,
+              help="random mode: compare with the PyTorch estimator below this length; --model: check the whole "
+              "sparse output (else its last two query blocks) against the reference below it")
+@click.option("--model", "model_name", default=None,
+              help="real-model mode: a Hugging Face id or folder, a .gguf file or smollm2-135m")
+@click.option("--text", "text_path", type=click.Path(path_type=Path), default=None,
+              help="with --model: the text file whose first tokens are read")
+@click.option("--layers", default=None, help="with --model: all (default) or comma-separated layer ids, e.g. 0,5,29")
+@click.option("--beyond-window", is_flag=True,
+              help="with --model: allow lengths above the model's window (labelled as beyond it)")
+@click.option("--progress/--no-progress", default=True, help="with --model: a progress bar over layers")
+def main(
+    out_dir: Path, shape: str, lengths: str | None, p_text: str | None, check_below: int, model_name: str | None,
+    text_path: Path | None, layers: str | None, beyond_window: bool, progress: bool,
+) -> None:
+    """Time Prism's estimation against dense cuDNN prefill on one layer of random inputs, or (--model)
+    Prism's estimation and sparse prefill on the layers of a real model."""
+    import shlex  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from ..eval.runner import EvalArgumentError  # noqa: PLC0415
+    from .prism_model import parse_p, run_model_bench  # noqa: PLC0415 (it imports this module)
+
     t0 = time.time()
 
     def log(msg: str) -> None:
         click.echo(f"[{time.time() - t0:6.1f}s] {msg}", err=True)
 
+    try:
+        if model_name is not None:
+            if text_path is None:
+                raise EvalArgumentError("--text", "the real-model mode (--model) needs a text file")
+            run_model_bench(
+                model_name, text_path=text_path, lengths=lengths, p=p_text, layers=layers or "all",
+                beyond_window=beyond_window, out=out_dir, check_below=check_below, progress=progress, log=log,
+                command="python -m spotattn.bench.prism " + shlex.join(sys.argv[1:]),
+            )
+            click.echo((out_dir / "prism-model.md").read_text().split("\n## Per layer")[0])
+            return
+        for name, given in (("--text", text_path), ("--layers", layers), ("--beyond-window", beyond_window)):
+            if given:
+                raise EvalArgumentError(name, "applies only to the real-model mode; give --model too")
+        p_values = parse_p(p_text) if p_text is not None else [0.93]
+        if len(p_values) != 1:
+            raise EvalArgumentError("--p", f"the random-input mode takes one value, got {p_text!r}")
+    except EvalArgumentError as exc:
+        raise click.BadParameter(exc.detail, param_hint=exc.param) from exc
+    except RuntimeError as exc:  # no CUDA for the timing
+        raise click.ClickException(str(exc)) from exc
+    if not torch.cuda.is_available():
+        raise click.ClickException("this benchmark needs CUDA")
+
     rows = []
-    for length in (int(x) for x in lengths.split(",")):
-        rows.append(bench_length(shape, length, p, length < check_below, log))
+    for length in (int(x) for x in (lengths or "16384,131072").split(",")):
+        rows.append(bench_length(shape, length, p_values[0], length < check_below, log))
         write_report(rows, out_dir)  # keep what is done if a later length fails
     click.echo((out_dir / "prism.md").read_text())
 
