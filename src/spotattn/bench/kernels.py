@@ -344,6 +344,26 @@ def bench_decode(
 
 # ---------------------------------------------------------------------------------- decode selection
 SELECT_BUDGETS = ("topk:4096", "dual:0.9:4096", "topp:0.9")
+# The original one-tile-per-program kernel first, then looped launches (ScoreTiling.parse's syntax).
+SCORE_TILES = (
+    "128x4",
+    "128x4:bf16",
+    "128x4:fma",
+    "64x4:p4:s3:tf32",
+    "32x4:p4:s3:bf16",
+    "64x4:p2:s3:bf16",
+    "64x4:p4:s2:bf16",
+    "64x4:p4:s3:bf16",
+    "64x4:p4:s4:bf16",
+    "64x4:p8:s3:bf16",
+    "128x4:p2:s3:bf16",
+    "128x4:p4:s3:bf16",
+    "128x8:p2:s3:bf16",
+    "64x4:p4:s3:fma",
+    "64x4:p8:s3:fma",
+    "128x4:p4:s3:fma",
+    "128x8:p2:s3:fma",
+)
 
 
 def _select_budget(text: str):
@@ -423,15 +443,18 @@ def bench_select(
 def bench_score(
     blocks: Sequence[int] = (8200, 2056),
     batches: Sequence[int] = (1, 4),
-    tiles: Sequence[tuple[int, int]] = ((64, 4),),
+    tiles: Sequence[str] = ("128x4",),
     key_format: str = "int4",
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Time the fused selector scoring kernel (``score_blocks_triton``) over ``16 * NB`` cached keys in the
-    Qwen3-8B selector shape (4 heads x 128), per (keys per program, warps) tile, from a CUDA graph."""
-    from ..spot.quant import bytes_per_token, quantize
-    from ..spot.triton_score import score_blocks_triton
+    Qwen3-8B selector shape (4 heads x 128), per launch (``ScoreTiling`` text, e.g. ``128x4`` for the
+    one-tile-per-program kernel, ``64x4:p4:s3:bf16`` for the looped one), from a CUDA graph. Each launch is
+    checked against the PyTorch path (``score_blocks_torch``) and against the first launch."""
+    from ..spot.quant import bytes_per_token, quantize, score_blocks_torch
+    from ..spot.triton_score import ScoreTiling, score_blocks_triton
 
+    tilings = [ScoreTiling.parse(t) for t in tiles]  # fail on a bad spec before any timing
     dev = torch.device("cuda")
     rows = []
     for nb in blocks:
@@ -440,22 +463,27 @@ def bench_score(
             parts = quantize(torch.randn(batch, nb * 16, 128, device=dev, generator=gen), key_format)
             q = torch.randn(batch, 4, 1, 128, device=dev, generator=gen) * 128**-0.5
             w = torch.rand(batch, 1, 4, 1, device=dev, generator=gen)
-            ref = score_blocks_triton(q, w, parts, key_format, nb * 16, 16)
-            for block_n, nw in tiles:
-                run = functools.partial(
-                    score_blocks_triton, q, w, parts, key_format, nb * 16, 16, block_n=block_n, num_warps=nw
-                )
-                err = float((run() - ref).abs().max())
+            exact = score_blocks_torch(q, w, parts, key_format, torch.tensor([nb * 16 - 1], device=dev), 16)
+            first = None
+            for tiling in tilings:
+                run = functools.partial(score_blocks_triton, q, w, parts, key_format, nb * 16, 16, tiling)
+                got = run()
+                first = got if first is None else first
                 t = _bench_graph(run)
                 row = dict(
                     blocks=nb,
                     batch=batch,
                     key_format=key_format,
-                    block_n=block_n,
-                    num_warps=nw,
+                    tiling=str(tiling),
+                    block_n=tiling.block_n,
+                    num_warps=tiling.num_warps,
+                    programs_per_sm=tiling.programs_per_sm,
+                    num_stages=tiling.num_stages,
+                    math=tiling.math,
                     score_us=t * 1e3,
                     tbps=batch * nb * 16 * bytes_per_token(parts) / (t * 1e-3) / 1e12,
-                    max_abs_diff_vs_first_tile=err,
+                    max_abs_diff_vs_torch=float((got - exact).abs().max()),
+                    max_abs_diff_vs_first_tile=float((got - first).abs().max()),
                 )
                 rows.append(row)
                 log(json.dumps(row))
@@ -476,15 +504,16 @@ def select_markdown(rows: list[dict], score_rows: list[dict]) -> str:
         )
     lines += [
         "",
-        "Selector scoring (`score_blocks_triton`, 4 heads x 128, 16 keys per block), median us:",
+        "Selector scoring (`score_blocks_triton`, 4 heads x 128, 16 keys per block), median us of CUDA-graph replay",
+        "(tiling: keys per tile x warps, :pN programs per SM in the looped kernel, :sN its stages, then the math):",
         "",
-        "| blocks | B | format | keys/program | warps | scoring us | TB/s | max diff vs first tile |",
+        "| blocks | B | format | tiling | scoring us | TB/s | max diff vs torch | vs first tiling |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in score_rows:
         lines.append(
-            f"| {r['blocks']} | {r['batch']} | {r['key_format']} | {r['block_n']} | {r['num_warps']} | "
-            f"{r['score_us']:.1f} | {r['tbps']:.2f} | {r['max_abs_diff_vs_first_tile']:.1e} |"
+            f"| {r['blocks']} | {r['batch']} | {r['key_format']} | {r['tiling']} | {r['score_us']:.1f} | "
+            f"{r['tbps']:.2f} | {r['max_abs_diff_vs_torch']:.1e} | {r['max_abs_diff_vs_first_tile']:.1e} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -495,23 +524,36 @@ def select_markdown(rows: list[dict], score_rows: list[dict]) -> str:
 @click.option("--budgets", default=",".join(SELECT_BUDGETS), show_default=True, help="topk:N, topp:P, dual:P[:MAX]")
 @click.option("--spreads", default="1,4", show_default=True, help="std of the random block logits")
 @click.option("--warps", default="auto", show_default=True, help="selection launch widths, e.g. auto,4,8,16")
-@click.option("--score-tiles", default="64x4,128x4,128x8,256x8", show_default=True,
-              help="scoring kernel tiles, keys per program x warps")
+@click.option("--score-tiles", default=",".join(SCORE_TILES), show_default=True,
+              help="scoring kernel launches to compare, comma-separated, each KEYSxWARPS[:pN][:sN][:MATH]: KEYS "
+              "keys per tile, WARPS warps; :pN runs the looped kernel on N programs per SM (omitted: one program "
+              "per tile), :sN its pipelining stages (default 3); MATH tf32 (default), bf16 or fma. 128x4 is the "
+              "original kernel; 'default' is score_blocks_triton's default")
 @click.option("--key-format", default="int4", show_default=True, help="selector key format for the scoring kernel")
-def select_command(blocks, batches, budgets, spreads, warps, score_tiles, key_format) -> None:
+@click.option("--score-only", is_flag=True, help="time only the scoring kernel (skip the selection kernel)")
+def select_command(blocks, batches, budgets, spreads, warps, score_tiles, key_format, score_only) -> None:
     """Time the fused decode-row selection kernel and the selector scoring kernel alone, from CUDA graphs."""
+    from ..spot.triton_score import ScoreTiling
+
     if not torch.cuda.is_available():
         raise click.ClickException("the selection benchmark needs a CUDA GPU")
+    try:
+        tiles = tuple(
+            str(ScoreTiling() if t.strip() == "default" else ScoreTiling.parse(t)) for t in score_tiles.split(",")
+        )
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--score-tiles") from None
     log = lambda m: click.echo(m, err=True)  # noqa: E731
-    rows = bench_select(
-        _ints(blocks),
-        _ints(batches),
-        tuple(b.strip() for b in budgets.split(",")),
-        tuple(float(x) for x in spreads.split(",")),
-        tuple(None if x.strip() == "auto" else int(x) for x in warps.split(",")),
-        log=log,
-    )
-    tiles = tuple(tuple(int(v) for v in t.split("x")) for t in score_tiles.split(","))
+    rows = []
+    if not score_only:
+        rows = bench_select(
+            _ints(blocks),
+            _ints(batches),
+            tuple(b.strip() for b in budgets.split(",")),
+            tuple(float(x) for x in spreads.split(",")),
+            tuple(None if x.strip() == "auto" else int(x) for x in warps.split(",")),
+            log=log,
+        )
     score_rows = bench_score(_ints(blocks), _ints(batches), tiles, key_format, log=log)
     click.echo(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
     click.echo(select_markdown(rows, score_rows))
