@@ -16,7 +16,7 @@ from spotattn.spot.checkpoint import fingerprint
 from spotattn.spot.quant import FORMATS, KeyCache, bytes_per_token, dequantize, quantize, score_blocks_torch
 from spotattn.spot.selector import block_log_probs
 from spotattn.spot.teacher import forward_kl, sparse_kl, teacher_block_probs
-from spotattn.spot.train import Backbone, Capture, layer_loss
+from spotattn.spot.train import Backbone, Capture, layer_loss, recall_at
 from spotattn.types import DualTopP, TopK
 
 
@@ -292,6 +292,22 @@ def test_a_few_training_steps_lower_the_loss(residual):
     a = layer_loss(layer, h, t, chunk=16, use_checkpoint=True, residual=residual)
     b = layer_loss(layer, h, t, chunk=96, use_checkpoint=False, residual=residual)
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_recall_at_for_shared_and_per_group_selectors(groups):
+    model = tiny_llama()
+    cfg = config_for_model(model.config, num_heads=2, head_dim=16, num_groups=groups)
+    selector = Selector(cfg)
+    capture = Capture(16, groups, 32, torch.float32)
+    ids = torch.randint(0, 128, (2, 96), generator=torch.Generator().manual_seed(8))
+    with Backbone(model, capture, cfg.layer_ids) as backbone:
+        backbone.run(ids)
+    layer, hidden, teacher = selector.layer(0), capture.hidden[0], capture.teacher[0]
+    assert teacher.shape[1] == groups
+    sel, oracle = recall_at(layer, hidden, teacher, 0.25, min_query=32, chunk=32)
+    assert 0.0 < sel <= oracle + 1e-6 <= 1.0 + 1e-6  # the teacher's own top blocks hold the most mass
+    assert recall_at(layer, hidden, teacher, 1.0, min_query=32, chunk=32) == pytest.approx((1.0, 1.0), abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- method

@@ -297,11 +297,10 @@ def recall_at(
         t = teacher[:, :, a:e].float()
         causal_blocks = pos[a:e] // bs + 1
         k = torch.ceil(causal_blocks * density).long().clamp(min=1).view(1, 1, -1, 1)
-        rank = torch.arange(logp.shape[-1], device=logp.device)
-        order_s = logp.argsort(-1, descending=True)
-        keep_s = torch.zeros_like(t, dtype=torch.bool).scatter(-1, order_s, rank < k)
-        order_t = t.argsort(-1, descending=True)
-        keep_t = torch.zeros_like(t, dtype=torch.bool).scatter(-1, order_t, rank < k)
+        # scatter does not broadcast its source: expand the top-k flags to every (batch, group, query)
+        in_top = (torch.arange(logp.shape[-1], device=logp.device) < k).expand_as(t)
+        keep_s = torch.zeros_like(t, dtype=torch.bool).scatter(-1, logp.argsort(-1, descending=True), in_top)
+        keep_t = torch.zeros_like(t, dtype=torch.bool).scatter(-1, t.argsort(-1, descending=True), in_top)
         sel_sum += float(block_recall(t, keep_s).sum())
         ora_sum += float(block_recall(t, keep_t).sum())
         count += t.shape[0] * t.shape[1] * t.shape[2]
