@@ -133,6 +133,7 @@ def interpreter_cases() -> dict[str, Callable[[], str | None]]:
         for groups in (1, 2):
             cases[f"prep-{fmt}-g{groups}"] = _prep_case(fmt, groups)
     cases["prep-int4-partial-rope-length-scaling"] = _prep_case("int4", 1, long_context=True)
+    cases["prep-int4-fp32-selector"] = _prep_case("int4", 2, fp32_layer=True)
     cases["static-width"] = _width_case
     return cases
 
@@ -210,7 +211,7 @@ def _width_case() -> str | None:
 
 
 def _prep_case(
-    fmt: str, groups: int, device: str = "cpu", dim: int = 64, long_context: bool = False
+    fmt: str, groups: int, device: str = "cpu", dim: int = 64, long_context: bool = False, fp32_layer: bool = False
 ) -> Callable[[], str | None]:
     """The fused selector prep (norm, rope, quantise, cache write) against the PyTorch selector path."""
 
@@ -229,7 +230,9 @@ def _prep_case(
         torch.nn.init.normal_(layer.w_proj.weight, std=0.1)
         for norm in (layer.q_norm, layer.k_norm):
             torch.nn.init.normal_(norm.weight, mean=1.0, std=0.2)
-        layer = layer.to(device=device, dtype=torch.bfloat16)
+        # An fp32 selector (as checkpoints load) on bf16 hidden states: the fused path reads a bf16 copy of
+        # the stacked projection, so it matches the fp32 reference to bf16 rounding of the projections.
+        layer = layer.to(device=device, dtype=torch.float32 if fp32_layer else torch.bfloat16)
         b, cap, pos = 3, 40, 29
         hidden = torch.randn(b, 1, 96, device=device, dtype=torch.bfloat16)
         positions = torch.tensor([pos], device=device)
@@ -237,6 +240,9 @@ def _prep_case(
         ref_q, ref_w = layer.queries(hidden, positions)
         bufs = {n: torch.zeros(b, cap, *p.shape[2:], dtype=p.dtype, device=device) for n, p in ref_parts.items()}
         q, w = selector_decode_prep(layer, hidden, positions, fmt, bufs["k"], bufs.get("s"))
+        if fp32_layer:
+            rel = max(float((a - r).norm() / r.norm()) for a, r in ((q, ref_q), (w, ref_w)))
+            return None if rel < 1e-2 else f"q/w differ from the fp32 selector by {rel:.2e} (relative)"
         if not torch.allclose(q, ref_q, rtol=1e-5, atol=1e-6) or not torch.allclose(w, ref_w, rtol=1e-6, atol=0):
             return f"q/w differ: {float((q - ref_q).abs().max()):.2e}, {float((w - ref_w).abs().max()):.2e}"
         untouched = torch.cat([bufs["k"][:, :pos], bufs["k"][:, pos + 1 :]], 1)

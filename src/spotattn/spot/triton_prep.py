@@ -133,19 +133,27 @@ def fused_prep_supported(layer: SelectorLayer, fmt: str, hidden: torch.Tensor) -
     return fmt in FUSED_FORMATS and hidden.shape[1] == 1 and d % 64 == 0 and (d & (d - 1)) == 0
 
 
-def _fused_projection(layer: SelectorLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's q, k and w projections stacked into one weight and bias; cached on the layer and rebuilt
-    when any of the weights changes (training, loading, moving)."""
+def _fused_projection(layer: SelectorLayer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's q, k and w projections stacked into one ``dtype`` weight and bias; cached on the layer
+    and rebuilt when any of the weights changes (training, loading, moving) or another dtype is asked."""
     parts = (layer.q_proj.weight, layer.k_proj.weight, layer.w_proj.weight, layer.w_proj.bias)
-    key = tuple((t.data_ptr(), t._version) for t in parts)
+    key = (dtype, *((t.data_ptr(), t._version) for t in parts))
     cached = getattr(layer, "_fused_projection", None)
     if cached is None or cached[0] != key:
         qw, kw, ww, wb = parts
-        weight = torch.cat([qw, kw, ww]).detach()
-        bias = torch.cat([wb.new_zeros(qw.shape[0] + kw.shape[0]), wb]).detach().to(weight.dtype)
+        weight = torch.cat([qw, kw, ww]).detach().to(dtype)
+        bias = torch.cat([wb.new_zeros(qw.shape[0] + kw.shape[0]), wb]).detach().to(dtype)
         cached = (key, weight, bias)
         layer._fused_projection = cached
     return cached[1], cached[2]
+
+
+def _projection_dtype(layer: SelectorLayer, hidden: torch.Tensor) -> torch.dtype:
+    # A decode step is bound by reading the stacked weight: with half-precision hidden states, read it in
+    # that precision (half the bytes of fp32; the shipped selectors are stored in bf16 anyway).
+    if hidden.dtype in (torch.bfloat16, torch.float16):
+        return hidden.dtype
+    return layer.q_proj.weight.dtype
 
 
 def _inv_freq(device: torch.device, dim: int, theta: float, max_wavelength: float | None) -> torch.Tensor:
@@ -170,9 +178,9 @@ def selector_decode_prep(
     cfg = layer.config
     b = hidden.shape[0]
     h, d, g = cfg.num_heads, cfg.head_dim, cfg.num_groups
-    x = hidden.to(layer.q_proj.weight.dtype)
     # One GEMV for the three projections (q heads, key, head weights): rows of ``proj`` are [q | k | w].
-    weight, bias = _fused_projection(layer)
+    weight, bias = _fused_projection(layer, _projection_dtype(layer, hidden))
+    x = hidden.to(weight.dtype)
     proj = F.linear(x.reshape(b, -1), weight, bias)
     ql, kl, wl = proj, proj[:, h * d :], proj[:, h * d + d :]
     q = torch.empty(b, h, 1, d, device=hidden.device, dtype=torch.float32)
