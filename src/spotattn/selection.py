@@ -110,13 +110,20 @@ def _nucleus_count(sorted_mass: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return torch.where(target > 1e-7, count, torch.zeros_like(count))
 
 
-def mask_to_selection(keep: torch.Tensor, block_size: int, first_row: int = 0) -> Selection:
-    """Bool ``(B, G, R, NB)`` block mask to a :class:`Selection` with ascending block ids."""
+def mask_to_selection(
+    keep: torch.Tensor, block_size: int, first_row: int = 0, width: int | None = None
+) -> Selection:
+    """Bool ``(B, G, R, NB)`` block mask to a :class:`Selection` with ascending block ids.
+
+    ``width``: the lists' width, at least the largest count (``NB`` always is); None: the largest count,
+    which costs a device-to-host sync on CUDA.
+    """
     nb = keep.shape[-1]
     j = torch.arange(nb, device=keep.device)
     key = torch.where(keep, j, nb + j)
     counts = keep.sum(-1).to(torch.int32)
-    width = max(1, int(counts.max()))
+    if width is None:
+        width = max(1, int(counts.max()))
     ids = key.sort(dim=-1).values[..., :width]
     ids = torch.where(ids < nb, ids, -1).to(torch.int32)
     return Selection(ids.contiguous(), counts, block_size, first_row)
