@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -243,35 +244,68 @@ def _triton_estimator():
     return prism_triton
 
 
+@dataclass(frozen=True)
+class BandConstants:
+    """A method's bands for one head dim and device, built once: the dims of each band, the same as a
+    float32 ``(Z, D)`` 0/1 mask (the Triton estimator's form) and whether to calibrate."""
+
+    indices: list[torch.Tensor]
+    mask: torch.Tensor
+    calibrate: bool
+
+
 @register_method("meanpool")
 class MeanPool(Method):
     """Mean-pooled full-dimension block scores: the estimator Prism corrects."""
 
     Config = MeanPoolConfig
 
+    def __init__(self, config: MethodConfig, model_config: Any, layer_idx: int) -> None:
+        super().__init__(config, model_config, layer_idx)
+        self._band_constants: dict[tuple[int, torch.device], BandConstants] = {}
+
     def bands(self, head_dim: int) -> tuple[list[torch.Tensor], bool]:
         """Dim indices of each band, and whether to calibrate (one full band has tau = 1 anyway)."""
         return [torch.arange(head_dim)], False
+
+    def band_constants(self, head_dim: int, device: torch.device) -> BandConstants:
+        """:meth:`bands` on ``device``, cached: every call of a layer would otherwise rebuild them and copy
+        them to the device."""
+        key = (head_dim, device)
+        if key not in self._band_constants:
+            bands, calibrate = self.bands(head_dim)
+            mask = torch.zeros(len(bands), head_dim)
+            for z, idx in enumerate(bands):
+                mask[z, idx] = 1.0
+            self._band_constants[key] = BandConstants([idx.to(device) for idx in bands], mask.to(device), calibrate)
+        return self._band_constants[key]
+
+    def estimator(self, x: torch.Tensor) -> ModuleType | None:
+        """The Triton estimator for CUDA tensors (when enabled and importable), else None: PyTorch."""
+        return _triton_estimator() if (x.is_cuda and self.config.use_triton) else None
 
     def prefill(self, call: AttentionCall) -> Selection | None:
         cfg = self.config
         bs = cfg.block_size
         q, k = call.query, call.key
-        first, rows = rows_for_prefill(call.num_queries, call.num_keys, bs, q.device)
+        first = (call.num_keys - call.num_queries) // bs
         nb = math.ceil(call.num_keys / bs)
+        # On CUDA the lists take the static width NB: the largest count would need a host sync.
+        width = nb if q.is_cuda else None
         if cfg.p >= 1.0:  # every causal block: exactly dense (a softmax may underflow to zero mass)
+            _, rows = rows_for_prefill(call.num_queries, call.num_keys, bs, q.device)
             keep = allowed_blocks(nb, rows, bs, call.seq_start, q.shape[0]).expand(-1, k.shape[1], -1, -1)
-            return mask_to_selection(keep, bs, first)
-        bands, calibrate = self.bands(q.shape[-1])
+            return mask_to_selection(keep, bs, first, width)
+        bands = self.band_constants(q.shape[-1], q.device)
+        estimator = self.estimator(q)
+        if estimator is not None:  # pooling to block lists in three launches, no host sync
+            ids, counts = estimator.prism_selection(q, k, bands.mask, bands.calibrate, cfg.p, bs, call.seq_start)
+            return Selection(ids, counts, bs, first)
         qbar = mean_pool(q, bs, call.num_keys - call.num_queries, call.seq_start)
         kbar = mean_pool(k, bs, 0, call.seq_start)
-        inv_scale = band_scales(qbar, kbar, bands, calibrate)
-        estimator = _triton_estimator() if (q.is_cuda and cfg.use_triton) else None
-        if estimator is not None:
-            keep = estimator.prism_block_mask(qbar, kbar, bands, inv_scale, cfg.p, bs, first, call.seq_start)
-        else:
-            keep = pooled_block_mask(qbar, kbar, bands, inv_scale, cfg.p, bs, first, call.seq_start)
-        return mask_to_selection(keep, bs, first)
+        inv_scale = band_scales(qbar, kbar, bands.indices, bands.calibrate)
+        keep = pooled_block_mask(qbar, kbar, bands.indices, inv_scale, cfg.p, bs, first, call.seq_start)
+        return mask_to_selection(keep, bs, first, width)
 
 
 @register_method("prism")
