@@ -3,14 +3,19 @@
 For each length: random post-RoPE queries and keys of a real layer shape (Qwen3-8B: 32 query heads, 8 kv
 heads, head dim 128, RoPE base 1e6), bf16 on CUDA. Timed with CUDA events (median after warm-up):
 
-- ``estimate_ms``: the whole ``prism`` prefill selection as the integration calls it (mean pooling,
-  calibration, the Triton estimation kernels, the block lists), and its parts;
+- ``estimate_ms``: the whole ``prism`` prefill selection as the integration calls it (three Triton
+  launches: mean pooling with the band norms, then calibration and band probabilities, then top-p and
+  the block lists), and its parts ``pool_ms`` (the first launch) and ``kernels_ms`` (the other two);
+- ``unfused_ms``: the same selection the way it was built before those kernels were fused: PyTorch
+  pooling and calibration (band indices copied to the device each call), the Triton mask kernels
+  (``prism_block_mask``), ``mask_to_selection`` (a host sync for the lists' width);
 - ``dense_cudnn_ms`` / ``dense_flash_ms``: dense causal SDPA on the cuDNN and flash backends;
 - ``sparse_ms``: the Triton block-sparse prefill over Prism's own selection, at the density it chose.
 
 Random activations carry no real attention structure, so the density here is not a model's density;
 only the costs are meaningful. At short lengths the Triton mask is also checked against the PyTorch
-estimator (``mask_mismatch``). Writes ``prism.json`` and ``prism.md`` to ``--out``.
+estimator (``mask_mismatch``), and the fused selection against the PyTorch path's
+(``selection_mismatch``: share of rows whose lists differ). Writes ``prism.json`` and ``prism.md`` to ``--out``.
 
 Real-model mode (``--model``): the same costs on a real model's attention, at the density Prism selects
 there, per layer and summed over layers, with the sparse kernel also timed on a random mask of that
@@ -36,7 +41,7 @@ import torch
 
 from ..methods.base import AttentionCall
 from ..methods.prism import Prism, PrismConfig, band_scales, mean_pool, pooled_block_mask
-from ..selection import density_of
+from ..selection import density_of, mask_to_selection
 from ..types import Selection
 from .kernels import SHAPES, _bench, _sdpa_fn
 
@@ -77,23 +82,34 @@ def bench_length(shape_name: str, length: int, p: float, check: bool, log, devic
     call = AttentionCall(q, k, v, scale, 0, None)
     bs = config.block_size
     bands, _ = method.bands(shape.head_dim)
+    consts = method.band_constants(shape.head_dim, dev)
     row: dict = dict(shape=shape_name, length=length, block_size=bs, p=p)
 
-    def pool():
-        return mean_pool(q, bs), mean_pool(k, bs)
+    def unfused() -> Selection:
+        qbar, kbar = mean_pool(q, bs), mean_pool(k, bs)
+        inv = band_scales(qbar, kbar, bands, True)
+        return mask_to_selection(prism_triton.prism_block_mask(qbar, kbar, bands, inv, p, bs, 0, None), bs, 0)
 
-    qbar, kbar = pool()
-    inv = band_scales(qbar, kbar, bands, True)
-    row["pool_ms"] = _bench(pool)
-    row["calibrate_ms"] = _bench(lambda: band_scales(qbar, kbar, bands, True))
-    row["kernels_ms"] = _bench(lambda: prism_triton.prism_block_mask(qbar, kbar, bands, inv, p, bs, 0, None))
+    pooled = prism_triton.pool_blocks(q, k, bs, None, consts.mask)
+    row["pool_ms"] = _bench(lambda: prism_triton.pool_blocks(q, k, bs, None, consts.mask))
+    row["kernels_ms"] = _bench(
+        lambda: prism_triton.estimate_from_pooled(
+            pooled[0], pooled[1], consts.mask, prism_triton.SCALE_CALIBRATED, None, pooled[2], p, bs, 0, None, False
+        )
+    )
     row["estimate_ms"] = _bench(lambda: method.prefill(call))
+    row["unfused_ms"] = _bench(unfused)
     selection = method.prefill(call)
     row["density"] = prefill_density(selection, length)[0]
     if check:
+        qbar, kbar = mean_pool(q, bs), mean_pool(k, bs)
+        inv = band_scales(qbar, kbar, bands, True)
         mask_t = prism_triton.prism_block_mask(qbar, kbar, bands, inv, p, bs, 0, None)
         mask_r = pooled_block_mask(qbar, kbar, bands, inv, p, bs, 0, None)
         row["mask_mismatch"] = float((mask_t != mask_r).float().mean())
+        ref = mask_to_selection(mask_r, bs, 0, width=selection.block_ids.shape[-1])
+        differ = (ref.block_ids != selection.block_ids).any(-1) | (ref.counts != selection.counts)
+        row["selection_mismatch"] = float(differ.float().mean())
     log(f"L={length}: estimate {row['estimate_ms']:.3f} ms, density {row['density']:.3f}")
     cudnn = _sdpa_fn(SDPBackend.CUDNN_ATTENTION, q, k, v, True)
     flash = _sdpa_fn(SDPBackend.FLASH_ATTENTION, q, k, v, True)
@@ -117,13 +133,13 @@ def write_report(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "prism.json").write_text(json.dumps(rows, indent=2))
     head = (
-        "| length | estimate ms | pool | calib | kernels | dense cuDNN ms | est/dense | density | sparse ms |"
+        "| length | estimate ms | pool | kernels | unfused ms | dense cuDNN ms | est/dense | density | sparse ms |"
     )
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         lines.append(
-            f"| {r['length']} | {r['estimate_ms']:.3f} | {r['pool_ms']:.3f} | {r['calibrate_ms']:.3f} | "
-            f"{r['kernels_ms']:.3f} | {r.get('dense_cudnn_ms') or float('nan'):.2f} | "
+            f"| {r['length']} | {r['estimate_ms']:.3f} | {r['pool_ms']:.3f} | {r['kernels_ms']:.3f} | "
+            f"{r['unfused_ms']:.3f} | {r.get('dense_cudnn_ms') or float('nan'):.2f} | "
             f"{100 * r.get('estimate_share_of_dense', float('nan')):.1f}% | {r['density']:.3f} | "
             f"{r['sparse_ms']:.2f} |"
         )
