@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -180,7 +181,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096])
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--p", type=float, default=0.9)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument(
+        "--temperature", type=float, default=None,
+        help="spot's temperature in the needle test (default: the selector's recommended one, as SpotConfig)",
+    )
     parser.add_argument("--sweep-p", type=float, nargs="+", default=[0.9])
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0])
     parser.add_argument("--formats", nargs="+", default=["bf16", "int4"])
@@ -201,7 +205,7 @@ def main() -> None:
         for t in args.temperatures
     }
     report["recall"] = attention_recall(model, ids, args.checkpoint, settings)
-    print(json.dumps(report), flush=True)
+    print(json.dumps(report), file=sys.stderr, flush=True)  # progress; stdout gets one JSON object
     if not args.skip_needle:
         configs: dict[str, MethodConfig | None] = {
             "dense": None,
