@@ -61,6 +61,28 @@ def _dequant(codes, scale, FMT: tl.constexpr, N: tl.constexpr, C: tl.constexpr, 
 
 
 @triton.jit
+def _scales(sraw, FMT: tl.constexpr):
+    """Raw group scales -> float32: fp16 (int4), E8M0 exponent (mxfp4) or FP8 E4M3 (nvfp4)."""
+    if FMT == 1:
+        return sraw.to(tl.float32)
+    elif FMT == 2:
+        return tl.exp2(sraw.to(tl.float32) - 127.0)
+    else:
+        return _e4m3(sraw.to(tl.int32))
+
+
+@triton.jit
+def _store_block_lse(relu, wg, valid, out, offs_blk, NB, BLOCK_N: tl.constexpr, BS: tl.constexpr):
+    """Token scores (head-weighted ReLU dots) -> each 16-token block's log-sum-exp, stored at ``out``."""
+    sc = tl.sum(relu * wg[None, :], axis=1)
+    sc = tl.where(valid, sc, float("-inf")).reshape(BLOCK_N // BS, BS)
+    m = tl.max(sc, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    lse = m_safe + tl.log(tl.sum(tl.exp(sc - m_safe[:, None]), axis=1))
+    tl.store(out + offs_blk, lse, mask=offs_blk < NB)
+
+
+@triton.jit
 def _score_kernel(
     Q,
     W,
@@ -111,12 +133,7 @@ def _score_kernel(
         packed = packed.to(tl.int32)
         offs_g = tl.arange(0, D // GS)
         sraw = tl.load(S + b * ssb + offs_n[:, None] * ssn + offs_g[None, :], mask=in_n[:, None], other=0)
-        if FMT == 1:
-            scale = sraw.to(tl.float32)
-        elif FMT == 2:
-            scale = tl.exp2(sraw.to(tl.float32) - 127.0)
-        else:
-            scale = _e4m3(sraw.to(tl.int32))
+        scale = _scales(sraw, FMT)
         k_even = _dequant(packed & 15, scale, FMT, BLOCK_N, D // 2, GS // 2)
         k_odd = _dequant(packed >> 4, scale, FMT, BLOCK_N, D // 2, GS // 2)
         q_rows = Q + b * sqb + offs_h[:, None] * sqh + 2 * offs_p[None, :]
@@ -133,12 +150,7 @@ def _score_kernel(
     offs_blk = tile * (BLOCK_N // BS) + tl.arange(0, BLOCK_N // BS)
     for g in tl.static_range(G):
         wg = tl.load(W + b * swb + g * swg + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
-        s = tl.sum(relu * wg[None, :], axis=1)
-        s = tl.where(valid, s, float("-inf")).reshape(BLOCK_N // BS, BS)
-        m = tl.max(s, axis=1)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        lse = m_safe + tl.log(tl.sum(tl.exp(s - m_safe[:, None]), axis=1))
-        tl.store(Out + b * sob + g * sog + offs_blk, lse, mask=offs_blk < NB)
+        _store_block_lse(relu, wg, valid, Out + b * sob + g * sog, offs_blk, NB, BLOCK_N, BS)
 
 
 @triton.jit
@@ -148,16 +160,6 @@ def _codes(c, FMT: tl.constexpr):
         return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
     else:
         return _e2m1(c)
-
-
-@triton.jit
-def _scales(sraw, FMT: tl.constexpr):
-    if FMT == 1:
-        return sraw.to(tl.float32)
-    elif FMT == 2:
-        return tl.exp2(sraw.to(tl.float32) - 127.0)
-    else:
-        return _e4m3(sraw.to(tl.int32))
 
 
 @triton.jit
@@ -319,12 +321,7 @@ def _score_loop_kernel(
         offs_blk = tile * (BLOCK_N // BS) + tl.arange(0, BLOCK_N // BS)
         for g in tl.static_range(G):
             wg = tl.sum(tl.where((offs_gw == g)[:, None], w_all, 0.0), axis=0)
-            sc = tl.sum(relu * wg[None, :], axis=1)
-            sc = tl.where(valid, sc, float("-inf")).reshape(BLOCK_N // BS, BS)
-            m = tl.max(sc, axis=1)
-            m_safe = tl.where(m == float("-inf"), 0.0, m)
-            lse = m_safe + tl.log(tl.sum(tl.exp(sc - m_safe[:, None]), axis=1))
-            tl.store(Out + b * sob + g * sog + offs_blk, lse, mask=offs_blk < NB)
+            _store_block_lse(relu, wg, valid, Out + b * sob + g * sog, offs_blk, NB, BLOCK_N, BS)
 
 
 MATHS = ("tf32", "bf16", "fma")
