@@ -9,7 +9,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import spotattn
-from spotattn.methods.spot import SpotConfig
+from spotattn.cache import SparseCache
+from spotattn.eval.runner import EvalArgumentError, parse_method_spec
+from spotattn.methods.spot import Spot, SpotConfig
 from spotattn.selection import select_blocks
 from spotattn.spot import Selector, SelectorMismatchError, config_for_model, load_selector, save_selector
 from spotattn.spot.checkpoint import fingerprint
@@ -351,6 +353,89 @@ def test_spot_budget_reads_less_and_keeps_key_cache_in_step(tiny_ckpt):
         assert 0 < spotattn.density(model, "decode").mean < 0.6
     finally:
         spotattn.unsparsify(model)
+
+
+def _peaked_selector(model, tmp_path) -> str:
+    selector = Selector(config_for_model(model.config))
+    torch.manual_seed(1)
+    for p in selector.parameters():  # peaked, non-uniform scores so that a small budget really chooses
+        torch.nn.init.normal_(p, std=0.3)
+    path = tmp_path / "peaked"
+    save_selector(path, selector, base_model="tiny-llama", model_fingerprint=fingerprint(model))
+    return str(path)
+
+
+@torch.no_grad()
+def _prefill_and_step(model, ids: torch.Tensor):
+    """Hidden states of a prefill on a fresh SparseCache and of one decode step (a fixed token) on top."""
+    cache = SparseCache(model.config)
+    pre = model(ids, past_key_values=cache, use_cache=True, output_hidden_states=True)
+    step = model(ids[:, :1], past_key_values=cache, use_cache=True, output_hidden_states=True)
+    return pre.hidden_states, step.hidden_states, cache
+
+
+@pytest.mark.parametrize("sparse_prefill", [False, True])
+def test_spot_dense_layers_read_everything_there_and_select_after(tmp_path, monkeypatch, sparse_prefill):
+    model = tiny_llama(layers=4)
+    path = _peaked_selector(model, tmp_path)
+    ids = torch.randint(0, 128, (1, 160), generator=torch.Generator().manual_seed(8))
+    spotattn.sparsify(model, "dense")
+    dense_pre, dense_step, _ = _prefill_and_step(model, ids)
+    spotattn.unsparsify(model)
+    selector_layers = set()
+    layer = Spot._layer
+    monkeypatch.setattr(Spot, "_layer", lambda self, dev: selector_layers.add(self.layer_idx) or layer(self, dev))
+    spotattn.sparsify(model, SpotConfig(checkpoint=path, budget=TopK(32), sparse_prefill=sparse_prefill,
+                                        dense_layers=2))
+    try:
+        pre, step, cache = _prefill_and_step(model, ids)
+        prefill = spotattn.density(model, "prefill").per_layer
+        decode = spotattn.density(model, "decode").per_layer
+    finally:
+        spotattn.unsparsify(model)
+    # hidden_states[i + 1] is layer i's output: layers 0-1 are exactly dense, layers 2-3 read less.
+    for i in (1, 2):
+        assert torch.equal(pre[i], dense_pre[i]) and torch.equal(step[i], dense_step[i])
+    assert not torch.allclose(step[3], dense_step[3], atol=1e-4)
+    assert torch.allclose(pre[3], dense_pre[3]) != sparse_prefill
+    assert (decode[:2] == 1).all() and (decode[2:] < 0.5).all()
+    assert (prefill[:2] == 1).all() and ((prefill[2:] < 1).all() if sparse_prefill else (prefill == 1).all())
+    # No selector work in the dense layers: never loaded there, no keys cached; one key per token after.
+    assert selector_layers == {2, 3}
+    assert [len(KeyCache(cache.meta(i), "bf16")) for i in range(4)] == [0, 0, 161, 161]
+    assert not cache.meta(0) and not cache.meta(1)
+
+
+@pytest.mark.parametrize("dense_layers", [2, 5])
+def test_spot_with_every_layer_dense_equals_dense(tiny_ckpt, dense_layers):
+    model, _, path = tiny_ckpt  # two layers
+    ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = model(ids).logits
+        gen_ref = model.generate(ids, max_new_tokens=6, do_sample=False)
+    spotattn.sparsify(model, SpotConfig(checkpoint=str(path), budget=TopK(16), sparse_prefill=True,
+                                        dense_layers=dense_layers))
+    try:
+        with torch.no_grad():
+            out = model(ids).logits
+            gen = model.generate(ids, max_new_tokens=6, do_sample=False)
+        assert spotattn.density(model).mean == 1.0
+    finally:
+        spotattn.unsparsify(model)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(gen, gen_ref)
+
+
+def test_spot_dense_layers_validation_and_spec():
+    for bad in (-1, 1.5, True, "2", None):
+        with pytest.raises(ValueError, match="SpotConfig.dense_layers must be a non-negative integer"):
+            SpotConfig(dense_layers=bad)
+    assert SpotConfig().dense_layers == 0
+    config = parse_method_spec("spot:dual_topp=0.8,dense_layers=2").config
+    assert config == SpotConfig(budget=DualTopP(0.8), dense_layers=2)
+    assert SpotConfig.from_json(config.to_json()) == config
+    with pytest.raises(EvalArgumentError, match="SpotConfig.dense_layers"):
+        parse_method_spec("spot:dense_layers=-2")
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from ..spot.checkpoint import check_shapes, load_selector, read_meta, shipped_se
 from ..spot.quant import FORMATS, KeyCache, quantize, score_blocks, score_blocks_torch
 from ..spot.selector import Selector, SelectorLayer
 from ..types import Budget, DualTopP, Selection, TopK, TopP
+from ._masks import check_nonneg_int
 from .base import AttentionCall, Method, MethodConfig, register_method
 
 DEFAULT_SELECTOR = "smollm2-135m"
@@ -60,6 +61,9 @@ class SpotConfig(MethodConfig):
     # recommended value (its JSON "inference.temperature"), else 1.
     temperature: float | None = None
     prefill_chunk: int = 256  # queries scored at once in sparse prefill
+    # The first N layers run dense in prefill and decode, as Quest and Twilight read their first two; 0 (the
+    # paper's protocol) sparsifies every layer. Those layers cache no selector keys and score nothing.
+    dense_layers: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +76,7 @@ class SpotConfig(MethodConfig):
             raise ValueError(f"SpotConfig.temperature must be positive, got {self.temperature!r}")
         if not isinstance(self.prefill_chunk, int) or self.prefill_chunk <= 0:
             raise ValueError(f"SpotConfig.prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
+        check_nonneg_int("SpotConfig", "dense_layers", self.dense_layers)
 
     def check_model(self, model_config) -> None:
         super().check_model(model_config)
@@ -91,7 +96,9 @@ class Spot(Method):
         super().__init__(config, model_config, layer_idx)
         self.path = resolve_checkpoint(config.checkpoint)
         meta = read_meta(self.path)
-        self.serves = layer_idx in meta["selector"]["layer_ids"]
+        # A layer the selector does not serve, or one of the first dense_layers, reads everything (prefill,
+        # decode and the static decoder all return None for it) and keeps no selector keys.
+        self.serves = layer_idx in meta["selector"]["layer_ids"] and layer_idx >= config.dense_layers
         self.temperature = float(config.temperature or meta.get("inference", {}).get("temperature", 1.0))
 
     def _layer(self, device: torch.device) -> SelectorLayer:
