@@ -19,14 +19,16 @@ from spotattn.types import TopK
 def _sparsified(method: str, tmp_path, **model_kwargs) -> torch.nn.Module:
     model = tiny_llama(**model_kwargs)
     config = method
-    if method == "spot":  # a real budget: 3 of the 10 blocks of 16 tokens
-        config = SpotConfig(checkpoint=random_selector(model, tmp_path), budget=TopK(48), key_format="int4")
+    if method.startswith("spot"):  # a real budget: 3 of the 10 blocks of 16 tokens
+        dense_layers = 1 if method == "spot-dense1" else 0  # layer 0 dense: no selector op, no key buffers
+        config = SpotConfig(checkpoint=random_selector(model, tmp_path), budget=TopK(48), key_format="int4",
+                            dense_layers=dense_layers)
     elif method == "twilight":  # layer 0 dense, layer 1 reads the new key from the K buffer (Quest bounds)
         config = TwilightConfig(candidates=TopK(80), p=0.6, dense_layers=1)
     return spotattn.sparsify(model, config)
 
 
-@pytest.mark.parametrize("method", ["dense", "spot", "twilight"])
+@pytest.mark.parametrize("method", ["dense", "spot", "spot-dense1", "twilight"])
 def test_compiled_step_equals_eager(tmp_path, monkeypatch, method):
     model = _sparsified(method, tmp_path)
     ids = torch.randint(0, 128, (2, 150))
@@ -36,8 +38,9 @@ def test_compiled_step_equals_eager(tmp_path, monkeypatch, method):
     compiled = GraphDecoder(model, compiled_cache, compile=True)
 
     selections = []  # the static decoder's runs (under compile: inside the opaque op)
-    decoder = decode_path._DECODERS[method]
-    monkeypatch.setitem(decode_path._DECODERS, method, lambda ctx: selections.append(ctx) or decoder(ctx))
+    name = method.split("-")[0]
+    decoder = decode_path._DECODERS[name]
+    monkeypatch.setitem(decode_path._DECODERS, name, lambda ctx: selections.append(ctx) or decoder(ctx))
     graphs = counters["stats"]["unique_graphs"]
     token = logits.argmax(-1)
     for step in range(4):
@@ -45,12 +48,14 @@ def test_compiled_step_equals_eager(tmp_path, monkeypatch, method):
         before = len(selections)
         got = compiled.step_compiled(token)  # raises if this position would recompile
         if step > 0:  # selection runs behind the opaque op in every selecting layer; dense layers skip it
-            assert len(selections) - before == {"dense": 0, "spot": 2, "twilight": 1}[method]
+            assert len(selections) - before == {"dense": 0, "spot": 2, "spot-dense1": 1, "twilight": 1}[method]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         token = want.argmax(-1)
     assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph: fullgraph, no recompiles
     assert compiled.compile_seconds is not None
     assert int(compiled_cache.length()) == int(eager_cache.length()) == 154
+    if method == "spot-dense1":  # the dense layer keeps no selector keys on either path
+        assert not eager_cache.layers[0].meta and not compiled_cache.layers[0].meta
     for a, b in zip(eager_cache.layers, compiled_cache.layers, strict=True):
         torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)

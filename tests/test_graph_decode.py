@@ -20,10 +20,10 @@ from spotattn.spot.checkpoint import fingerprint
 from spotattn.types import DualTopP, TopK, TopP
 
 
-def tiny_llama(hidden: int = 64, heads: int = 4, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(hidden: int = 64, heads: int = 4, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=heads,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -38,8 +38,9 @@ def random_selector(model, tmp_path) -> str:
 
 
 @torch.no_grad()
-def decode_both(model, ids: torch.Tensor, steps: int, capacity: int):
-    """Greedy decode on the ordinary SparseCache and, fed the same tokens, on a static cache (eager)."""
+def decode_both(model, ids: torch.Tensor, steps: int, capacity: int, layer: int = 1):
+    """Greedy decode on the ordinary SparseCache and, fed the same tokens, on a static cache (eager); with
+    both logits, ``layer``'s selections."""
     logits, static = prefill_to_static(model, ids, capacity=capacity)
     decoder = GraphDecoder(model, static)
     cache = SparseCache(model.config)
@@ -49,9 +50,9 @@ def decode_both(model, ids: torch.Tensor, steps: int, capacity: int):
     pairs = []
     for _ in range(steps):
         dynamic = model(token.view(-1, 1), past_key_values=cache, use_cache=True).logits[:, -1]
-        dyn_sel = layer_states(model)[1].last_selection
+        dyn_sel = layer_states(model)[layer].last_selection
         static_logits = decoder.step_eager(token)
-        pairs.append((dynamic, static_logits.clone(), dyn_sel, layer_states(model)[1].last_selection))
+        pairs.append((dynamic, static_logits.clone(), dyn_sel, layer_states(model)[layer].last_selection))
         token = dynamic.argmax(-1)
     return pairs
 
@@ -86,6 +87,28 @@ def test_spot_static_equals_dynamic(tmp_path, fmt):
             assert int(pairs[0][3].counts.max()) < math.ceil(151 / 16)
             assert not torch.allclose(sparse_first, dense_pairs[0][0], atol=1e-4)
         spotattn.unsparsify(model)
+
+
+def test_spot_dense_layers_static_equals_dynamic(tmp_path):
+    model = tiny_llama(layers=4)
+    spotattn.sparsify(model, SpotConfig(checkpoint=random_selector(model, tmp_path), budget=TopK(48), dense_layers=2))
+    ids = torch.randint(0, 128, (2, 150))
+    pairs = decode_both(model, ids, steps=6, capacity=200, layer=3)
+    for dynamic, static, dyn_sel, static_sel in pairs:
+        torch.testing.assert_close(static, dynamic, rtol=1e-5, atol=1e-5)
+        for b in range(2):
+            got = static_sel.block_ids[b, 0, 0, : static_sel.counts[b, 0, 0]].tolist()
+            assert got == sorted(dyn_sel.block_ids[b, 0, 0, : dyn_sel.counts[b, 0, 0]].tolist())
+    assert int(pairs[0][3].counts.max()) < math.ceil(151 / 16)  # layer 3 really selects
+    assert all(state.last_selection is None for state in layer_states(model)[:2])
+    # The static path alone: dense layers read everything and hold no selector key buffers.
+    _, cache = prefill_to_static(model, ids, capacity=200)
+    spotattn.reset_density(model)
+    GraphDecoder(model, cache).step_eager(ids[:, -1])
+    decode = spotattn.density(model, "decode").per_layer
+    assert (decode[:2] == 1).all() and (decode[2:] < 1).all()
+    assert not cache.meta(0) and not cache.meta(1) and cache.meta(2) and cache.meta(3)
+    spotattn.unsparsify(model)
 
 
 @pytest.mark.parametrize(

@@ -262,7 +262,7 @@ def _spot(ctx: DecodeContext) -> Selection | None:
     from ..spot.quant import KeyCache, quantize, score_blocks_torch
 
     method = ctx.state.method
-    if not method.serves:
+    if not method.serves:  # no selector for this layer, or one of SpotConfig.dense_layers: dense, no key buffers
         return None
     hidden = ctx.state.hidden_states
     if hidden is None:
