@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import spotattn
 from spotattn.cache import SparseCache
+from spotattn.cli import build_config
 from spotattn.eval.runner import EvalArgumentError, parse_method_spec
 from spotattn.methods.spot import Spot, SpotConfig
 from spotattn.selection import select_blocks
@@ -436,6 +437,7 @@ def test_spot_dense_layers_validation_and_spec():
     assert SpotConfig.from_json(config.to_json()) == config
     with pytest.raises(EvalArgumentError, match="SpotConfig.dense_layers"):
         parse_method_spec("spot:dense_layers=-2")
+    assert build_config("spot", "dual_topp:0.8", None, ("dense_layers=2",)) == config  # generate --set
 
 
 @pytest.mark.slow
