@@ -345,21 +345,18 @@ def bench_decode(
 
 # ---------------------------------------------------------------------------------- decode selection
 SELECT_BUDGETS = ("topk:4096", "dual:0.9:4096", "topp:0.9")
-# The original one-tile-per-program kernel first, then looped launches (ScoreTiling.parse's syntax).
+# One tile per program first (the launch before the persistent grid), then persistent grids
+# (ScoreTiling.parse's syntax).
 SCORE_TILES = (
     "128x4",
-    "64x4:p4:s3:tf32",
-    "64x4:p2:s3:tf32",
-    "64x4:p8:s3:tf32",
-    "64x4:p4:s2:tf32",
-    "64x4:p4:s4:tf32",
-    "32x4:p8:s3:tf32",
-    "128x4:p2:s3:tf32",
-    "128x8:p2:s3:tf32",
-    "64x4:p4:s3:bf16",
-    "128x4:p2:s3:bf16",
-    "128x4:p4:s3:bf16",
-    "64x4:p8:s3:fma",
+    "64x4:p4:s3",
+    "64x4:p2:s3",
+    "64x4:p8:s3",
+    "64x4:p4:s2",
+    "64x4:p4:s4",
+    "32x4:p8:s3",
+    "128x4:p2:s3",
+    "128x8:p2:s3",
 )
 
 
@@ -452,7 +449,7 @@ def bench_score(
 ) -> list[dict]:
     """Time the fused selector scoring kernel (``score_blocks_triton``) over ``16 * NB`` cached keys in the
     Qwen3-8B selector shape (4 heads x 128), per launch (``ScoreTiling`` text, e.g. ``128x4`` for the
-    one-tile-per-program kernel, ``64x4:p4:s3:bf16`` for the looped one), from a CUDA graph. Each launch is
+    one-tile-per-program launch, ``64x4:p4:s3`` for a persistent grid), from a CUDA graph. Each launch is
     checked against the PyTorch path (``score_blocks_torch``) and against the first launch.
 
     Two timings: ``warm`` replays the kernel on the same keys, which stay in L2 when they fit (50 MB on an
@@ -494,7 +491,6 @@ def bench_score(
                     num_warps=tiling.num_warps,
                     programs_per_sm=tiling.programs_per_sm,
                     num_stages=tiling.num_stages,
-                    math=tiling.math,
                     key_mb=key_bytes / 1e6,
                     score_us=t_warm * 1e3,
                     tbps=key_bytes / (t_warm * 1e-3) / 1e12,
@@ -525,7 +521,7 @@ def select_markdown(rows: list[dict], score_rows: list[dict]) -> str:
         "Selector scoring (`score_blocks_triton`, 4 heads x 128, 16 keys per block), median us of CUDA-graph",
         "replay; warm: the same keys every call (L2-resident when they fit), cold: rotating over copies of the",
         "keys larger than twice the L2 (read from HBM, as in a decode step). Tiling: keys per tile x warps, :pN",
-        "programs per SM (looped kernel), :sN its pipelining stages, then the math.",
+        "programs per SM (persistent grid), :sN its pipelining stages.",
         "",
         "| blocks | B | format | MB | tiling | us warm | TB/s warm | us cold | TB/s cold | max diff vs torch |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -546,10 +542,9 @@ def select_markdown(rows: list[dict], score_rows: list[dict]) -> str:
 @click.option("--spreads", default="1,4", show_default=True, help="std of the random block logits")
 @click.option("--warps", default="auto", show_default=True, help="selection launch widths, e.g. auto,4,8,16")
 @click.option("--score-tiles", default=",".join(SCORE_TILES), show_default=True,
-              help="scoring kernel launches to compare, comma-separated, each KEYSxWARPS[:pN][:sN][:MATH]: KEYS "
-              "keys per tile, WARPS warps; :pN runs the looped kernel on N programs per SM (omitted: one program "
-              "per tile), :sN its pipelining stages (default 3); MATH tf32 (default), bf16 or fma. 128x4 is the "
-              "original kernel; 'default' is score_blocks_triton's default")
+              help="scoring kernel launches to compare, comma-separated, each KEYSxWARPS[:pN][:sN]: KEYS keys "
+              "per tile, WARPS warps; :pN a persistent grid of N programs per SM (omitted: one program per "
+              "tile), :sN its pipelining stages (default 3). 'default' is score_blocks_triton's default")
 @click.option("--key-format", default="int4", show_default=True, help="selector key format for the scoring kernel")
 @click.option("--score-only", is_flag=True, help="time only the scoring kernel (skip the selection kernel)")
 def select_command(blocks, batches, budgets, spreads, warps, score_tiles, key_format, score_only) -> None:
