@@ -353,3 +353,20 @@ def test_sample_depths_do_not_depend_on_the_sample_count() -> None:
     for k in range(5):
         assert sorted(depths[: 2**k + 1]) == [j / 2**k for j in range(2**k + 1)]
     assert runner_mod.sample_depth("vt", 3) is None
+
+
+def test_report_lists_decode_density_and_recall_per_layer():
+    from spotattn.eval.report import Summary, markdown
+
+    def rec(method: str, density: list[float], recall: list[float]) -> dict:
+        return {"method": method, "method_name": method.split(":")[0], "length": 2048, "task": "passkey",
+                "kind": "generate", "score": 1.0, "density": {"decode": sum(density) / 2},
+                "density_layers": {"decode": density}, "recall_layers": {"decode": recall}}
+
+    records = [rec("dense", [1.0, 1.0], [1.0, 1.0]), rec("spot:a", [0.5, 0.1], [0.9, 0.3]),
+               rec("spot:a", [0.3, 0.1], [0.7, 0.5])]
+    s = Summary(records)
+    assert s.layer_means("spot:a", 2048, "recall_layers", "decode") == pytest.approx([0.8, 0.4])
+    text = markdown(s)
+    assert "| `spot:a` | 0.40 0.10 | 0.80 0.40 |" in text
+    assert "| `dense` |" not in text.split("## Per layer")[1].split("##")[0]  # dense reads everything

@@ -82,6 +82,11 @@ class Summary:
     def sparse_density(self, method: str, length: int) -> float | None:
         return self.density(method, length, self.sparse_phase(method, length))
 
+    def layer_means(self, method: str, length: int, key: str, phase: str) -> list[float | None]:
+        """Per-layer mean over the cell's records of ``density_layers`` or ``recall_layers`` at ``phase``."""
+        rows = [row for r in self._all(method, length) if (row := (r.get(key) or {}).get(phase))]
+        return [_mean(row[i] for row in rows) for i in range(len(rows[0]))] if rows else []
+
     def recall(self, method: str, length: int) -> float | None:
         return _mean(_recall(r) for r in self._all(method, length))
 
@@ -146,6 +151,7 @@ def markdown(summary: Summary, title: str = "spotattn evaluation") -> str:
                 row += [_num(p["ppl"], ".2f"), _num(change, "+.2f"), _num(p["kl"], ".4f"), _pct(p["top1"], 1)]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    lines += _layer_table(s)
     lines += ["## Where accuracy starts to fall", ""]
     lines += findings(s) or ["(needs dense and at least one sparse method on generation tasks)"]
     lines.append("")
@@ -153,6 +159,23 @@ def markdown(summary: Summary, title: str = "spotattn evaluation") -> str:
               "![density per layer](density_per_layer.png)", "",
               "![recall by needle depth](recall_by_depth.png)", ""]
     return "\n".join(lines)
+
+
+def _layer_table(s: Summary) -> list[str]:
+    """Decode density and recall per layer at the longest length, one row per sparse method."""
+    length = s.lengths[-1]
+    rows = []
+    for method in s.methods:
+        density = s.layer_means(method, length, "density_layers", "decode")
+        recall = s.layer_means(method, length, "recall_layers", "decode")
+        if method != "dense" and (density or recall):
+            cells = [" ".join(_num(v, ".2f") for v in values) or "-" for values in (density, recall)]
+            rows.append(f"| `{method}` | {cells[0]} | {cells[1]} |")
+    if not rows:
+        return []
+    head = [f"## Per layer, decode, {length} tokens", "", "Layer 0 first; means over the prompts.", "",
+            "| method | density per layer | recall per layer |", "|---|---|---|"]
+    return head + rows + [""]
 
 
 def _phase_word(s: Summary, method: str, length: int) -> str:
@@ -222,11 +245,9 @@ def plot_density_per_layer(s: Summary, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, phase in zip(axes, ("prefill", "decode"), strict=True):
         for method in s.methods:
-            rows = [(r.get("density_layers") or {}).get(phase) for r in s._all(method, length)]
-            rows = [row for row in rows if row]
-            if not rows:
+            per_layer = s.layer_means(method, length, "density_layers", phase)
+            if not per_layer:
                 continue
-            per_layer = [_mean(row[i] for row in rows) for i in range(len(rows[0]))]
             ys = [100 * v if v is not None else float("nan") for v in per_layer]
             ax.plot(range(len(ys)), ys, marker=".", label=method)
         ax.set_title(f"{phase}, {length} tokens")
