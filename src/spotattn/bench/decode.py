@@ -198,10 +198,12 @@ def _spot_layer(
         select()
         attend()
 
-    if profile_to is not None:  # kernel-level breakdown of one selection, launched eagerly
+    if profile_to is not None:  # kernel-level breakdown of one selection and its attention, launched eagerly
+        select()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 select()
+                attend()
             torch.cuda.synchronize()
         profile_to.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
     out["layer_spot_select_ms"] = _median_ms(_graph(select).replay, iters)
@@ -557,7 +559,7 @@ def _ints(text: str) -> list[int]:
 @click.option("--iters", default=20, show_default=True, help="timed steps per figure (plain HF: a quarter)")
 @click.option("--bandwidth", default=3.0, show_default=True, help="memory bandwidth for the floors, TB/s")
 @click.option("--skip-hf", is_flag=True, help="skip the plain Hugging Face baseline")
-@click.option("--profile", is_flag=True, help="also write a kernel profile of spot's selection per row")
+@click.option("--profile", is_flag=True, help="also write a kernel profile of spot's selection and attention per row")
 @click.option(
     "--baselines",
     default=",".join(BASELINES),

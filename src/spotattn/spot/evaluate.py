@@ -182,6 +182,10 @@ def main() -> None:
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--p", type=float, default=0.9)
     parser.add_argument(
+        "--min-tokens", type=int, default=DualTopP().min_tokens,
+        help="DualTopP floor (tokens) for the needle test and every recall setting",
+    )
+    parser.add_argument(
         "--temperature", type=float, default=None,
         help="spot's temperature in the needle test (default: the selector's recommended one, as SpotConfig)",
     )
@@ -192,14 +196,14 @@ def main() -> None:
     parser.add_argument("--skip-needle", action="store_true")
     args = parser.parse_args()
     model, tok = load_model(args.model, device=args.device)
-    budget = DualTopP(p=args.p)
+    budget = DualTopP(p=args.p, min_tokens=args.min_tokens)
     report: dict = {"budget": str(budget), "tokens": args.tokens}
     start = time.time()
     from ..tasks import build_needle_prompt
 
     ids = build_needle_prompt(tok, max(args.tokens), 0.5).input_ids.to(model.device)
     settings = {
-        f"{fmt} p={p} T={t}": (DualTopP(p=p), fmt, t)
+        f"{fmt} p={p} T={t}": (DualTopP(p=p, min_tokens=args.min_tokens), fmt, t)
         for fmt in args.formats
         for p in args.sweep_p
         for t in args.temperatures
