@@ -512,6 +512,9 @@ def test_small_budgets_read_less_and_decode_metadata_stays_exact(
 # ------------------------------------------------------------- Triton estimator in the interpreter
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_prism_triton_estimator_matches_pytorch_in_interpreter() -> None:
+    from _interpreter import require_working_interpreter
+
+    require_working_interpreter()
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=300
