@@ -184,3 +184,20 @@ def test_prism_quality_end_to_end_on_smollm2_resumes_and_writes_its_files(smollm
     assert new[0] == "prism:p=0.8,block_size=16" and len(new) == 2 and new[1].startswith("meanpool:p=")
     assert {r["method"] for r in again["runs"]} == set(after)  # the summary covers both invocations
     assert json.loads((tmp_path / "plan.json").read_text())["commands"] == ["test"]
+
+
+def test_prism_quality_refuses_a_length_past_the_window_before_any_work(tmp_path) -> None:
+    from conftest import tiny_model
+
+    from spotattn.eval.runner import EvalArgumentError
+
+    model = tiny_model("llama")  # max_position_embeddings = 1024
+    out = tmp_path / "out"
+    kwargs = dict(
+        length=2048, documents=1, p_values=[0.8], grid=[0.5], block_sizes=[32], run_block_sizes=[32],
+        needles=0, needle_p=[0.8], match=False, out=out, progress=False, loaded=(model, None),
+    )
+    with pytest.raises(EvalArgumentError, match="--allow-beyond-window") as info:
+        prism_quality("tiny", **kwargs)
+    assert info.value.param == "--length"
+    assert not out.exists()  # refused before the curves were computed or any file was written

@@ -39,7 +39,16 @@ from ..methods.prism import band_topp
 from ..selection import allowed_blocks, density_of, mask_to_selection
 from ..tasks import build_task
 from .metrics import block_attention_mass, mask_recall
-from .runner import EvalArgumentError, parse_lengths, parse_method_spec, read_results, run_eval, sample_seed
+from .runner import (
+    EvalArgumentError,
+    check_lengths,
+    model_window,
+    parse_lengths,
+    parse_method_spec,
+    read_results,
+    run_eval,
+    sample_seed,
+)
 
 METHODS = ("prism", "meanpool")
 EXACT = "exact"
@@ -369,7 +378,7 @@ def prism_quality(
     block_sizes: Sequence[int], run_block_sizes: Sequence[int], needles: int, needle_p: Sequence[float],
     match: bool, out: Path, variants: Sequence[str] = (), run_methods: Sequence[str] = METHODS, seed: int = 0,
     device: str = "auto", dtype: str = "auto", progress: bool = True, command: str = "",
-    loaded: tuple[Any, Any] | None = None,
+    loaded: tuple[Any, Any] | None = None, allow_beyond_window: bool = False,
 ) -> dict:
     """Run both measurements (resuming what ``out`` already holds) and write the summary files.
 
@@ -389,6 +398,10 @@ def prism_quality(
     if missing:
         raise EvalArgumentError("--run-block-sizes", f"{missing} must also be curve block sizes ({list(block_sizes)})")
     model, tokenizer = loaded if loaded is not None else load_model(model_name, device=device, dtype=dtype)
+    try:  # before the curves, not after them
+        check_lengths([length], model_window(model), allow_beyond_window)
+    except EvalArgumentError as exc:
+        raise EvalArgumentError("--length", exc.detail) from exc
     out.mkdir(parents=True, exist_ok=True)
 
     # 1. Curves on the dense model, one cached line per document.
@@ -419,11 +432,12 @@ def prism_quality(
                     specs.append(spec_label("meanpool", mp, bs))
                     matched.add(spec_label("meanpool", mp, bs))
     run_eval(model, tokenizer, methods=specs, tasks="ppl", lengths=[length], samples=documents, out=out, seed=seed,
-             model_name=model_name, progress=progress)
+             model_name=model_name, progress=progress, allow_beyond_window=allow_beyond_window)
     needle_specs = ["dense"] + [spec_label(m, p, run_block_sizes[0]) for m in run_methods for p in needle_p]
     if needles:
         run_eval(model, tokenizer, methods=needle_specs, tasks=NEEDLE_TASK, lengths=[length], samples=needles,
-                 out=out, seed=seed, model_name=model_name, recall=False, progress=progress)
+                 out=out, seed=seed, model_name=model_name, recall=False, progress=progress,
+                 allow_beyond_window=allow_beyond_window)
 
     # The plan accumulates over invocations into one folder (e.g. a second one for another block size), so
     # the summary covers every run made there; records outside the plan (more documents) are left out.
@@ -490,8 +504,10 @@ def prism_quality(
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--allow-beyond-window", is_flag=True,
+              help="Allow a length past the model's context window (max_position_embeddings).")
 def main(model_name, length, documents, p_text, grid_text, block_sizes, run_block_sizes, run_methods, needles,
-         needle_p_text, variants, match, out, seed, device, dtype, progress) -> None:
+         needle_p_text, variants, match, out, seed, device, dtype, progress, allow_beyond_window) -> None:
     """Prism against meanpool: perplexity, density, recall, and recall at equal density."""
     import shlex  # noqa: PLC0415
     import sys  # noqa: PLC0415
@@ -510,6 +526,7 @@ def main(model_name, length, documents, p_text, grid_text, block_sizes, run_bloc
             variants=[v.strip() for v in variants.split(";") if v.strip()],
             run_methods=[m.strip() for m in run_methods.split(",") if m.strip()],
             dtype=dtype, progress=progress, command="python -m spotattn.eval.prism_quality " + shlex.join(sys.argv[1:]),
+            allow_beyond_window=allow_beyond_window,
         )
     except EvalArgumentError as exc:
         raise click.BadParameter(exc.detail, param_hint=exc.param) from exc
