@@ -370,3 +370,15 @@ def test_report_lists_decode_density_and_recall_per_layer():
     text = markdown(s)
     assert "| `spot:a` | 0.40 0.10 | 0.80 0.40 |" in text
     assert "| `dense` |" not in text.split("## Per layer")[1].split("##")[0]  # dense reads everything
+
+
+def test_plot_series_split_a_family_by_its_non_budget_options() -> None:
+    from spotattn.eval.report import _series
+
+    assert _series("spot:topk=704", "spot") == "spot"
+    assert _series("spot:dual_topp=0.75,min_tokens=768,temperature=0.3", "spot") == "spot"
+    assert _series("spot:topk=704,dense_layers=2", "spot") == "spot (dense_layers=2)"
+    label = "spot:dual_topp=0.7,key_format=int4,dense_layers=2"
+    assert _series(label, "spot") == "spot (key_format=int4, dense_layers=2)"
+    assert _series("twilight:p=0.95", "twilight") == "twilight"
+    assert _series("dense", "dense") == "dense"

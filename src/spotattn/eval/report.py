@@ -53,6 +53,7 @@ class Summary:
         generated = {r["task"] for r in self.records if r["kind"] == "generate"}
         self.gen_tasks = [t for t in self.tasks if t in generated]
         self.family = {r["method"]: r.get("method_name", r["method"].split(":")[0]) for r in self.records}
+        self.series = {m: _series(m, f) for m, f in self.family.items()}
         self.groups: dict[tuple[str, int, str], list[dict]] = defaultdict(list)
         for r in self.records:
             self.groups[(r["method"], r["length"], r["task"])].append(r)
@@ -212,29 +213,50 @@ def findings(s: Summary) -> list[str]:
     return out
 
 
+# Options that only set how much a method reads: runs differing in these lie on one curve.
+BUDGET_OPTIONS = frozenset(
+    {"topk", "topp", "dual_topp", "p", "sink", "recent", "min_tokens", "max_tokens", "budget", "temperature"}
+)
+
+
+def _series(label: str, family: str) -> str:
+    """The curve a method label belongs to: its family plus any option that is not a budget knob,
+    e.g. ``spot:topk=704,dense_layers=2`` -> ``spot (dense_layers=2)``."""
+    _, _, options = label.partition(":")
+    kept = [o for o in options.split(",") if o and o.split("=")[0].strip() not in BUDGET_OPTIONS]
+    return f"{family} ({', '.join(kept)})" if kept else family
+
+
 def plot_accuracy_vs_density(s: Summary, path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, axes = plt.subplots(1, len(s.lengths), figsize=(4.2 * len(s.lengths), 3.6), squeeze=False)
+    widest = 0.0
     for ax, length in zip(axes[0], s.lengths, strict=True):
         dense = s.accuracy("dense", length)
         if dense is not None:
             ax.axhline(100 * dense, color="gray", linestyle=":", linewidth=1, label="dense")
-        for family in dict.fromkeys(s.family[m] for m in s.methods if m != "dense"):
+        for series in dict.fromkeys(s.series[m] for m in s.methods if m != "dense"):
             pts = sorted((s.sparse_density(m, length), s.accuracy(m, length)) for m in s.methods
-                         if m != "dense" and s.family[m] == family)
+                         if m != "dense" and s.series[m] == series)
             pts = [(100 * d, 100 * a) for d, a in pts if d is not None and a is not None]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=family)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=series)
+                widest = max(widest, max(d for d, _ in pts))
         ax.set_title(f"{length} tokens")
         ax.set_xlabel("density read (%; decode only where prefill is dense)")
-        ax.set_xlim(0, 105)
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
+    for ax in axes[0]:  # zoom to the measured densities (sparse runs often read well under half)
+        ax.set_xlim(0, min(105, 10 * math.ceil(widest / 10) + 10))
     axes[0][0].set_ylabel("accuracy (%)")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    legend: dict = {}  # every series once, from whichever length has it
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.legend(legend.values(), legend.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
