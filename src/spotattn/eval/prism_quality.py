@@ -398,10 +398,7 @@ def prism_quality(
     if missing:
         raise EvalArgumentError("--run-block-sizes", f"{missing} must also be curve block sizes ({list(block_sizes)})")
     model, tokenizer = loaded if loaded is not None else load_model(model_name, device=device, dtype=dtype)
-    try:  # before the curves, not after them
-        check_lengths([length], model_window(model), allow_beyond_window)
-    except EvalArgumentError as exc:
-        raise EvalArgumentError("--length", exc.detail) from exc
+    check_lengths([length], model_window(model), allow_beyond_window, "--length")  # before the curves
     out.mkdir(parents=True, exist_ok=True)
 
     # 1. Curves on the dense model, one cached line per document.

@@ -188,13 +188,15 @@ def model_window(model: torch.nn.Module) -> int | None:
     return getattr(text, "max_position_embeddings", None)
 
 
-def check_lengths(lengths: Sequence[int], window: int | None, allow_beyond_window: bool) -> None:
+def check_lengths(
+    lengths: Sequence[int], window: int | None, allow_beyond_window: bool, param: str = "--lengths"
+) -> None:
     if window is None or allow_beyond_window:
         return
     too_long = [n for n in lengths if n > window]
     if too_long:
         raise EvalArgumentError(
-            "--lengths",
+            param,
             f"{too_long} exceed the model's context window of {window} tokens (max_position_embeddings); "
             f"use lengths <= {window}, or pass --allow-beyond-window (allow_beyond_window=True) "
             "to run anyway",
