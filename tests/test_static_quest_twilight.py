@@ -115,14 +115,44 @@ def test_bench_baseline_layer_and_table_on_cpu(monkeypatch) -> None:
     row.update(bench._baseline_layer(model, cache, 8999, 2, 1, bench.BASELINES))
     assert row["layer_twilight_candidate_tokens"] == 8192 and row["layer_quest_tokens_read"] == 4096
     assert 16 <= row["layer_twilight_tokens_read"] <= 8192
+    assert row["layer_twilight_step_seq_ms"] == 0.5 / 2  # two layers, one graph, time / layers
+    row["layer_dense_sdpa_seq_ms"], row["layer_spot_step_seq_ms"] = 1.5, 0.5
     bench._ratios(row)
     assert row["layer_twilight_speedup_vs_sdpa"] == 2.0 and row["layer_spot_speedup_vs_twilight"] == 2.0
+    assert row["layer_spot_seq_speedup_vs_sdpa"] == 3.0 and row["layer_spot_seq_speedup_vs_twilight"] == 0.5
     header = {"device": "cpu", "torch": "x", "shape": "tiny", "budget": "topk:4096", "key_format": "int4",
               "selector_bytes_per_token": 36, "bandwidth_tb_s": 3.0}
     text = bench.markdown({**header, "baselines": bench._baseline_configs(bench.BASELINES), "rows": [row]})
     assert "| twilight selection |" in text and "top-p 0.85" in text and "/ 8192 |" in text
+    assert "| 2 | 8999 | 1.500 | - | 0.500 | 0.250 | 3.00x | 0.50x |" in text  # the in-sequence table
     skipped = bench.markdown({**header, "baselines": {}, "rows": [{"batch": 1, "context": 8}]})
     assert "twilight selection" not in skipped
+
+
+def test_bench_spot_and_dense_layer_figures_on_cpu(monkeypatch, tmp_path) -> None:
+    """``bench decode``'s one-layer spot and dense figures, alone and in sequence: the plumbing on CPU."""
+    from types import SimpleNamespace
+
+    from spotattn.bench import decode as bench
+    from spotattn.methods.spot import SpotConfig
+    from spotattn.runtime import StaticSparseCache
+    from spotattn.spot.checkpoint import read_meta
+
+    monkeypatch.setattr(bench, "_graph", lambda fn: SimpleNamespace(replay=fn))
+    monkeypatch.setattr(bench, "_median_ms", lambda fn, iters: (fn(), 0.5)[1])
+    model = tiny_llama()
+    cache = StaticSparseCache(model.config, batch_size=2, capacity=300, device="cpu", dtype=torch.float32)
+    bench._fill_static(cache, 200)
+    dense = bench._layer_figures(model, cache, 200, 2, 1, spot=False)
+    assert dense == {"layer_dense_sdpa_ms": 0.5, "layer_dense_ours_ms": 0.5, "layer_dense_sdpa_seq_ms": 0.25,
+                     "layer_dense_ours_seq_ms": 0.25}
+    selector = str(bench._random_selector(model, tmp_path))
+    spotattn.sparsify(model, SpotConfig(checkpoint=selector, budget=TopK(64), key_format="int4"))
+    bench._fill_selector_keys(cache, 200, "int4", read_meta(tmp_path / "selector")["selector"]["head_dim"])
+    spot = bench._layer_figures(model, cache, 200, 2, 1, spot=True)
+    assert spot["layer_spot_step_seq_ms"] == 0.25 and spot["layer_spot_tokens_read"] >= 64
+    assert all(st.hidden_states is None for st in layer_states(model))
+    spotattn.unsparsify(model)
 
 
 # ----------------------------------------------------------------------------- Triton path vs reference

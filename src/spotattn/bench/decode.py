@@ -18,6 +18,10 @@ per (batch, context), all in one process on the same model:
 - one layer's step (layer 0's shapes) timed alone from CUDA graphs: dense SDPA decode on exact-length
   K/V, our dense kernel, spot's selection (selector projections, key write, fused scoring, selection),
   sparse attention, and selection + attention;
+- one layer's step inside a model (``*_seq_ms``): dense SDPA, our dense kernel, spot's and Twilight's
+  whole step for layers 0-7 back to back in one CUDA graph, divided by the layers. A single replay's
+  time includes the graph's own launch latency, which a layer inside a model does not pay; distinct
+  layers keep L2 from serving a step's K/V or selector keys from the previous step;
 - the training-free baselines on the same layer (``--baselines``, both by default), with the methods'
   default settings and their sync-free path (``spotattn.runtime.quest_twilight``), also from CUDA graphs:
   Twilight's selection (metadata write for the new token, Quest bounds of every page, top 8192 candidate
@@ -72,6 +76,22 @@ def _graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         fn()
     return graph
+
+
+SEQUENCE_LAYERS = 8
+
+
+def _per_layer_in_sequence_ms(step: Callable[[int], object], layers: int, iters: int) -> float:
+    """One layer's step as a model runs it: layers ``0 .. n-1`` back to back in one CUDA graph, divided by
+    ``n``. Unlike one replay per step, this leaves out the graph's own launch latency, and every layer reads
+    its own K/V and selector keys (no L2 reuse between steps, as in a real model)."""
+    n = min(SEQUENCE_LAYERS, layers)
+
+    def all_layers() -> None:
+        for i in range(n):
+            step(i)
+
+    return _median_ms(_graph(all_layers).replay, iters) / n
 
 
 def _random_selector(model, directory: Path) -> Path:
@@ -142,9 +162,7 @@ def _whole_model(decoder, cache, ctx: int, iters: int) -> tuple[float, float]:
     return ms, err
 
 
-def _layer_figures(
-    model, cache, ctx: int, batch: int, iters: int, spot: bool, profile_to: Path | None = None
-) -> dict:
+def _layer_figures(model, cache, ctx: int, batch: int, iters: int, spot: bool, profile_to: Path | None = None) -> dict:
     """One layer's decode step (layer 0), each part captured in a CUDA graph."""
     import torch.nn.functional as F
 
@@ -169,6 +187,18 @@ def _layer_figures(
     counts = torch.full((batch, 1), math.ceil((ctx + 1) / bs), device=dev, dtype=torch.int32)
     out["layer_dense_ours_ms"] = _median_ms(
         _graph(lambda: _attend(cache, 0, q, ids, counts, bs, scale, None, seq_len)).replay, iters
+    )
+
+    def sdpa(i: int) -> None:
+        layer = cache.layers[i]
+        F.scaled_dot_product_attention(
+            q, layer.keys[:, :, : ctx + 1], layer.values[:, :, : ctx + 1], scale=scale, enable_gqa=True
+        )
+
+    n = text.num_hidden_layers
+    out["layer_dense_sdpa_seq_ms"] = _per_layer_in_sequence_ms(sdpa, n, iters)
+    out["layer_dense_ours_seq_ms"] = _per_layer_in_sequence_ms(
+        lambda i: _attend(cache, i, q, ids, counts, bs, scale, None, seq_len), n, iters
     )
     return out
 
@@ -210,7 +240,19 @@ def _spot_layer(
     out["layer_spot_attn_ms"] = _median_ms(_graph(attend).replay, iters)
     out["layer_spot_step_ms"] = _median_ms(_graph(both).replay, iters)
     out["layer_spot_tokens_read"] = float(held["sel"].counts.float().mean()) * held["sel"].block_size
-    state.hidden_states = None
+
+    states = layer_states(model)
+    contexts = [DecodeContext(cache, st, q, seq_len, seq_len.view(1) - 1, None) for st in states]
+    for st in states:
+        st.hidden_states = state.hidden_states
+
+    def step(i: int) -> None:
+        sel = _spot(contexts[i])
+        _attend(cache, i, q, sel.block_ids[:, :, 0], sel.counts[:, :, 0], sel.block_size, scale, None, seq_len)
+
+    out["layer_spot_step_seq_ms"] = _per_layer_in_sequence_ms(step, len(states), iters)
+    for st in states:
+        st.hidden_states = None
     return out
 
 
@@ -264,6 +306,15 @@ def _baseline_layer(model, cache, ctx: int, batch: int, iters: int, baselines: t
         out["layer_twilight_select_ms"] = _median_ms(_graph(select).replay, iters)
         out["layer_twilight_attn_ms"] = _median_ms(_graph(attend).replay, iters)
         out["layer_twilight_step_ms"] = _median_ms(_graph(both).replay, iters)
+        metas = [meta] + [static_meta(cache, i, page, bits) for i in range(1, min(SEQUENCE_LAYERS, len(cache.layers)))]
+
+        def step(i: int) -> None:
+            layer_keys = cache.layers[i].keys
+            update_meta(layer_keys, metas[i], seq_len, page, bits, fast)
+            sel = twilight_select(q, layer_keys, metas[i], seq_len, twilight, scale, None, fast)
+            _attend(cache, i, q, sel.block_ids[:, :, 0], sel.counts[:, :, 0], page, scale, None, seq_len)
+
+        out["layer_twilight_step_seq_ms"] = _per_layer_in_sequence_ms(step, len(metas), iters)
         out["layer_twilight_tokens_read"] = tokens(held["sel"])
         out["layer_twilight_candidate_tokens"] = tokens(
             quest_select(q, keys, meta, seq_len, twilight.candidates, page, None, fast)
@@ -420,6 +471,8 @@ def _ratios(row: dict) -> None:
     ratio("layer_dense_ours_ms", "layer_spot_step_ms", "layer_spot_speedup_vs_ours_dense")
     ratio("layer_dense_sdpa_ms", "layer_twilight_step_ms", "layer_twilight_speedup_vs_sdpa")
     ratio("layer_twilight_step_ms", "layer_spot_step_ms", "layer_spot_speedup_vs_twilight")
+    ratio("layer_dense_sdpa_seq_ms", "layer_spot_step_seq_ms", "layer_spot_seq_speedup_vs_sdpa")
+    ratio("layer_twilight_step_seq_ms", "layer_spot_step_seq_ms", "layer_spot_seq_speedup_vs_twilight")
 
 
 def _baseline_configs(baselines: tuple[str, ...]) -> dict:
@@ -475,6 +528,7 @@ def markdown(report: dict) -> str:
             f"{_cell(row, 'layer_spot_attn_ms', '{:.3f}')} | {_cell(row, 'layer_spot_step_ms', '{:.3f}')} | "
             f"{_cell(row, 'layer_spot_tokens_read', '{:.0f}')} | {_cell(row, 'layer_spot_speedup_vs_sdpa')}x |"
         )
+    lines += _sequence_table(report)
     if any("layer_twilight_step_ms" in r or "layer_quest_select_ms" in r for r in report["rows"]):
         lines += _baseline_table(report)
     if report.get("compile"):
@@ -483,6 +537,27 @@ def markdown(report: dict) -> str:
     if errors:
         lines += ["", "Errors:", ""] + [f"- B={b} ctx={c} {k}: {v}" for b, c, k, v in errors]
     return "\n".join(lines) + "\n"
+
+
+def _sequence_table(report: dict) -> list[str]:
+    lines = [
+        "",
+        f"One layer's step inside a model: layers 0-{SEQUENCE_LAYERS - 1} back to back in one CUDA graph, each on "
+        "its own K/V and selector keys, time / layers (no per-replay launch latency, no L2 reuse), ms:",
+        "",
+        "| B | context | dense SDPA | ours dense | spot both | twilight both | spot vs SDPA | spot vs twilight |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        if "skipped" in row:
+            continue
+        lines.append(
+            f"| {row['batch']} | {row['context']} | {_cell(row, 'layer_dense_sdpa_seq_ms', '{:.3f}')} | "
+            f"{_cell(row, 'layer_dense_ours_seq_ms', '{:.3f}')} | {_cell(row, 'layer_spot_step_seq_ms', '{:.3f}')} | "
+            f"{_cell(row, 'layer_twilight_step_seq_ms', '{:.3f}')} | {_cell(row, 'layer_spot_seq_speedup_vs_sdpa')}x | "
+            f"{_cell(row, 'layer_spot_seq_speedup_vs_twilight')}x |"
+        )
+    return lines
 
 
 def _baseline_table(report: dict) -> list[str]:
@@ -552,7 +627,10 @@ def _ints(text: str) -> list[int]:
 @click.option("--shape", default="qwen3-8b", show_default=True, help="random:<shape> model to build")
 @click.option("--contexts", default="8192,32768,131072", show_default=True, help="comma-separated context lengths")
 @click.option(
-    "--batches", default="1,4", show_default=True, help="comma-separated batch sizes (skipped if K/V won't fit)",
+    "--batches",
+    default="1,4",
+    show_default=True,
+    help="comma-separated batch sizes (skipped if K/V won't fit)",
 )
 @click.option("--budget", "budget_text", default="topk:4096", show_default=True, help="spot budget (as in generate)")
 @click.option("--key-format", default="int4", show_default=True, help="selector key format: bf16, int4, mxfp4, nvfp4")
@@ -600,9 +678,21 @@ def decode_command(
         (out / "decode.json").write_text(json.dumps(report, indent=1) + "\n")
         (out / "decode.md").write_text(markdown(report))
 
-    report = run(shape, _ints(contexts), _ints(batches), budget_text, key_format, iters, bandwidth, skip_hf,
-                 log=lambda s: click.echo(s, err=True), on_row=save, profile_dir=out if profile else None,
-                 baselines=chosen, compile=compile_step)
+    report = run(
+        shape,
+        _ints(contexts),
+        _ints(batches),
+        budget_text,
+        key_format,
+        iters,
+        bandwidth,
+        skip_hf,
+        log=lambda s: click.echo(s, err=True),
+        on_row=save,
+        profile_dir=out if profile else None,
+        baselines=chosen,
+        compile=compile_step,
+    )
     save(report)
     click.echo(markdown(report))
 
