@@ -108,7 +108,12 @@ def decode_case(
     device="cpu",
     seed=0,
     width_pad=0,
+    empty_rows=(),
+    calls=1,
 ) -> Callable[[], str | None]:
+    """``empty_rows``: (batch, group) lists with no block; ``calls`` > 1 repeats the call on fresh queries
+    (odd calls pass the paged lengths as one int64 counter expanded over the batch, as a decode step does)."""
+
     def run() -> str | None:
         from spotattn.kernels import triton_ops
 
@@ -119,12 +124,13 @@ def decode_case(
         g = 1 if shared else hkv
         keep = (torch.rand(b, g, 1, nb, generator=gen).to(device) < density) | full
         keep[..., -1] = True
+        for row in empty_rows:
+            keep[row] = False
         sel = mask_to_selection(keep, bs)
         ids, counts = sel.block_ids[:, :, 0], sel.counts[:, :, 0]
         if width_pad:  # extra -1 columns past every count, as a static-width selection has
             ids = torch.nn.functional.pad(ids, (0, width_pad), value=-1)
         start = torch.tensor(seq_start, dtype=torch.int32, device=device) if seq_start is not None else None
-        ref = sparse_decode_ref(q, k, v, ids, counts, bs, seq_start=start)
         if paged:
             pages = b * nb + 3
             perm = torch.randperm(pages, generator=gen)[: b * nb].view(b, nb).to(device)
@@ -136,27 +142,35 @@ def decode_case(
             kp[perm.reshape(-1)] = kf.reshape(-1, hkv, bs, d)
             vp[perm.reshape(-1)] = vf.reshape(-1, hkv, bs, d)
             lens = torch.full((b,), lk, dtype=torch.int32, device=device)
-            out, lse = triton_ops.sparse_decode_paged(
-                q,
-                kp.transpose(1, 2),
-                vp.transpose(1, 2),
-                perm,
-                lens,
-                ids,
-                counts,
-                bs,
-                seq_start=start,
-                kv_layout="NHD",
-                num_splits=splits,
-            )
-        else:
-            out, lse = triton_ops.sparse_decode(q, k, v, ids, counts, bs, seq_start=start, num_splits=splits)
-        if full:
-            dense = dense_attention_ref(q, k, v, seq_start=start)
-            err = compare(out, lse, *dense, dt)
+        for call in range(calls):
+            if call:
+                q = torch.randn(q.shape, generator=gen).to(device=device, dtype=dt)
+            ref = sparse_decode_ref(q, k, v, ids, counts, bs, seq_start=start)
+            if paged:
+                out, lse = triton_ops.sparse_decode_paged(
+                    q,
+                    kp.transpose(1, 2),
+                    vp.transpose(1, 2),
+                    perm,
+                    lens if call % 2 == 0 else torch.tensor(lk, device=device).expand(b),  # int64, stride 0
+                    ids,
+                    counts,
+                    bs,
+                    seq_start=start,
+                    kv_layout="NHD",
+                    num_splits=splits,
+                )
+            else:
+                out, lse = triton_ops.sparse_decode(q, k, v, ids, counts, bs, seq_start=start, num_splits=splits)
+            if full:
+                dense = dense_attention_ref(q, k, v, seq_start=start)
+                err = compare(out, lse, *dense, dt)
+                if err:
+                    return f"call {call}, vs dense: {err}"
+            err = compare(out, lse, *ref, dt)
             if err:
-                return "vs dense: " + err
-        return compare(out, lse, *ref, dt)
+                return f"call {call}: {err}"
+        return None
 
     return run
 
@@ -242,9 +256,7 @@ def interpreter_cases() -> dict[str, Callable[[], str | None]]:
     cases: dict[str, Callable[[], str | None]] = {}
     for dtype in ("fp32", "bf16"):
         for grp in (1, 2, 4):
-            cases[f"prefill-g{grp}-{dtype}"] = prefill_case(
-                hq=2 * grp, hkv=2, lq=131, lk=131, dtype=dtype, seed=grp
-            )
+            cases[f"prefill-g{grp}-{dtype}"] = prefill_case(hq=2 * grp, hkv=2, lq=131, lk=131, dtype=dtype, seed=grp)
             cases[f"decode-g{grp}-t3-{dtype}"] = decode_case(
                 hq=2 * grp, hkv=2, t=3, lk=301, dtype=dtype, splits=3, seed=grp
             )
@@ -266,7 +278,30 @@ def interpreter_cases() -> dict[str, Callable[[], str | None]]:
         cases[f"decode-paged-{dtype}"] = decode_case(
             b=2, hq=4, hkv=2, t=2, lk=200, dtype=dtype, paged=True, seq_start=(0, 19), splits=4, shared=True
         )
+        cases[f"decode-one-split-{dtype}"] = decode_case(
+            b=2, hq=4, hkv=2, t=2, lk=270, dtype=dtype, seq_start=(0, 19), splits=1, width_pad=2
+        )
     cases["decode-t8-g4-auto-splits"] = decode_case(hq=4, hkv=1, t=8, lk=500, dtype="bf16")
+    # Many splits, of which rows use 6 or none (an empty list), twice.
+    for paged, dtype in ((False, "fp32"), (True, "bf16")):
+        cases[f"decode-many-splits-empty-rows{'-paged' if paged else ''}-{dtype}"] = decode_case(
+            b=3,
+            hq=8,
+            hkv=2,
+            t=2,
+            lk=701,
+            dtype=dtype,
+            seq_start=(0, 50, 13),
+            splits=16,
+            width_pad=20,
+            empty_rows=((1, 0),),
+            paged=paged,
+            calls=2,
+        )
+    # 45 splits (10 past the count) at head_dim 64.
+    cases["decode-45-splits"] = decode_case(
+        b=2, hq=4, hkv=1, t=2, lk=2200, d=64, bs=64, full=True, seq_start=(0, 31), splits=64, width_pad=10
+    )
     cases["scores-select-fp32"] = scores_case()
     cases["scores-select-bf16-t2"] = scores_case(hq=6, t=2, lk=300, d=64, dtype="bf16")
     cases["errors"] = errors_case()

@@ -134,6 +134,15 @@ def interpreter_cases() -> dict[str, Callable[[], str | None]]:
             cases[f"prep-{fmt}-g{groups}"] = _prep_case(fmt, groups)
     cases["prep-int4-partial-rope-length-scaling"] = _prep_case("int4", 1, long_context=True)
     cases["prep-int4-fp32-selector"] = _prep_case("int4", 2, fp32_layer=True)
+    # The projection over several row tiles (N = 324+) and K slices, so partials meet in the last program.
+    cases["prep-int4-split3"] = _prep_case("int4", 2, split_k=3)
+    cases["prep-bf16-split2-odd-hidden"] = _prep_case("bf16", 1, hidden_size=97, split_k=2)
+    cases["prep-int4-fp32-hidden"] = _prep_case("int4", 1, hidden_dtype=torch.float32, split_k=2)
+    cases["prep-bf16-fp32-hidden-fp32-selector"] = _prep_case(
+        "bf16", 2, hidden_dtype=torch.float32, fp32_layer=True, split_k=3
+    )
+    cases["prep-int4-b1-two-calls"] = _prep_case("int4", 1, b=1, split_k=3, calls=2)
+    cases["prep-bf16-b17-two-calls"] = _prep_case("bf16", 2, b=17, hidden_size=64, split_k=2, calls=2)
     cases["static-width"] = _width_case
     return cases
 
@@ -211,54 +220,90 @@ def _width_case() -> str | None:
 
 
 def _prep_case(
-    fmt: str, groups: int, device: str = "cpu", dim: int = 64, long_context: bool = False, fp32_layer: bool = False
+    fmt: str,
+    groups: int,
+    device: str = "cpu",
+    dim: int = 64,
+    long_context: bool = False,
+    fp32_layer: bool = False,
+    *,
+    b: int = 3,
+    hidden_size: int = 96,
+    hidden_dtype: torch.dtype = torch.bfloat16,
+    split_k: int | None = None,
+    calls: int = 1,
 ) -> Callable[[], str | None]:
-    """The fused selector prep (norm, rope, quantise, cache write) against the PyTorch selector path."""
+    """The fused selector decode step (projection, norm, rope, quantise, cache write) against the PyTorch
+    selector path. ``calls`` > 1 runs it again at later positions (the hand-off counter must have reset)."""
 
     @torch.no_grad()
     def run() -> str | None:
+        import copy
+
         from spotattn.spot.quant import dequantize, quantize
         from spotattn.spot.selector import SelectorConfig, SelectorLayer
         from spotattn.spot.triton_prep import selector_decode_prep
 
         torch.manual_seed(12 + groups)
         extra = {"rope_max_wavelength": 40.0, "length_scaling": True} if long_context else {}
-        cfg = SelectorConfig(hidden_size=96, num_layers=1, num_heads=4, head_dim=dim, num_groups=groups, **extra)
+        cfg = SelectorConfig(
+            hidden_size=hidden_size, num_layers=1, num_heads=4, head_dim=dim, num_groups=groups, **extra
+        )
         layer = SelectorLayer(cfg)
         if long_context:
             torch.nn.init.constant_(layer.length_gain, 0.3)
         torch.nn.init.normal_(layer.w_proj.weight, std=0.1)
+        torch.nn.init.normal_(layer.w_proj.bias, std=0.1)
         for norm in (layer.q_norm, layer.k_norm):
             torch.nn.init.normal_(norm.weight, mean=1.0, std=0.2)
         # An fp32 selector (as checkpoints load) on bf16 hidden states: the fused path reads a bf16 copy of
-        # the stacked projection, so it matches the fp32 reference to bf16 rounding of the projections.
+        # the stacked projection. The exact reference is an fp32 twin with the weights the kernel reads.
         layer = layer.to(device=device, dtype=torch.float32 if fp32_layer else torch.bfloat16)
-        b, cap, pos = 3, 40, 29
-        hidden = torch.randn(b, 1, 96, device=device, dtype=torch.bfloat16)
-        positions = torch.tensor([pos], device=device)
-        ref_parts = quantize(layer.keys(hidden, positions), fmt)
-        ref_q, ref_w = layer.queries(hidden, positions)
-        bufs = {n: torch.zeros(b, cap, *p.shape[2:], dtype=p.dtype, device=device) for n, p in ref_parts.items()}
-        q, w = selector_decode_prep(layer, hidden, positions, fmt, bufs["k"], bufs.get("s"))
-        if fp32_layer:
-            rel = max(float((a - r).norm() / r.norm()) for a, r in ((q, ref_q), (w, ref_w)))
-            return None if rel < 1e-2 else f"q/w differ from the fp32 selector by {rel:.2e} (relative)"
-        if not torch.allclose(q, ref_q, rtol=1e-5, atol=1e-6) or not torch.allclose(w, ref_w, rtol=1e-6, atol=0):
-            return f"q/w differ: {float((q - ref_q).abs().max()):.2e}, {float((w - ref_w).abs().max()):.2e}"
-        untouched = torch.cat([bufs["k"][:, :pos], bufs["k"][:, pos + 1 :]], 1)
-        if bool(untouched.float().abs().sum() != 0):
-            return "wrote outside the current position"
-        got = dequantize({n: t[:, pos : pos + 1] for n, t in bufs.items()}, fmt)
-        ref = dequantize(ref_parts, fmt)
-        err = float((got - ref).abs().max())
-        if fmt == "bf16" and not torch.allclose(got, ref, rtol=2**-7, atol=0):  # one bf16 rounding step
-            return f"bf16 key differs by {err:.2e}"
-        if fmt == "int4":
-            step = float(bufs["s"][:, pos].float().max())
-            if not torch.allclose(bufs["s"][:, pos].float(), ref_parts["s"][:, 0].float(), rtol=1e-3):
-                return "int4 scales differ"
-            if err > step * 1.001 or float((got != ref).float().mean()) > 0.02:
-                return f"int4 codes differ too much (max {err:.3e}, step {step:.3e})"
+        proj_dtype = hidden_dtype if hidden_dtype != torch.float32 else layer.q_proj.weight.dtype
+        twin = copy.deepcopy(layer).float()
+        for lin in (twin.q_proj, twin.k_proj, twin.w_proj):
+            for param in lin.parameters():
+                param.copy_(param.to(proj_dtype).float())
+        cap, positions_used = 40, [29 + 5 * c for c in range(calls)]
+        bufs: dict[str, torch.Tensor] = {}
+        refs = []
+        for pos in positions_used:
+            hidden = torch.randn(b, 1, hidden_size, device=device).to(hidden_dtype)
+            positions = torch.tensor([pos], device=device)
+            xr = hidden.to(proj_dtype).float()
+            ref_parts = quantize(twin.keys(xr, positions), fmt)
+            ref_q, ref_w = twin.queries(xr, positions)
+            if not bufs:
+                bufs = {
+                    n: torch.zeros(b, cap, *t.shape[2:], dtype=t.dtype, device=device) for n, t in ref_parts.items()
+                }
+            q, w = selector_decode_prep(layer, hidden, positions, fmt, bufs["k"], bufs.get("s"), split_k=split_k)
+            # Float rounding only (the sums run in another order): errors relative to the largest entry.
+            err = max(float((a - r).abs().max() / r.abs().max()) for a, r in ((q, ref_q), (w, ref_w)))
+            if err > 1e-5:
+                return f"pos {pos}: q/w differ from the fp32 twin by {err:.2e} (of the largest entry)"
+            # The module's own path (projections rounded to its dtype) agrees to that rounding.
+            mod_q, mod_w = layer.queries(hidden, positions)
+            rel = max(float((a - r).norm() / r.norm()) for a, r in ((q, mod_q), (w, mod_w)))
+            if rel > 1e-2:
+                return f"pos {pos}: q/w differ from the module's path by {rel:.2e} (relative)"
+            refs.append(ref_parts)
+        others = [t for t in range(cap) if t not in positions_used]
+        if bool(bufs["k"][:, others].float().abs().sum() != 0):
+            return "wrote outside the current positions"
+        for pos, ref_parts in zip(positions_used, refs, strict=True):
+            got = dequantize({n: t[:, pos : pos + 1] for n, t in bufs.items()}, fmt)
+            ref = dequantize(ref_parts, fmt)
+            err = float((got - ref).abs().max())
+            # One bf16 rounding step (plus float rounding of the fp32 key where RoPE's terms cancel).
+            if fmt == "bf16" and not torch.allclose(got, ref, rtol=2**-7, atol=1e-5 * float(ref.abs().max())):
+                return f"pos {pos}: bf16 key differs by {err:.2e}"
+            if fmt == "int4":
+                step = float(bufs["s"][:, pos].float().max())
+                if not torch.allclose(bufs["s"][:, pos].float(), ref_parts["s"][:, 0].float(), rtol=1e-3):
+                    return f"pos {pos}: int4 scales differ"
+                if err > step * 1.001 or float((got != ref).float().mean()) > 0.02:
+                    return f"pos {pos}: int4 codes differ too much (max {err:.3e}, step {step:.3e})"
         return None
 
     return run
@@ -299,6 +344,15 @@ def test_fused_select_gpu(budget: str, nb: int, live: int, logits: bool) -> None
 @pytest.mark.parametrize("groups", [1, 8])
 def test_fused_prep_gpu(fmt: str, groups: int) -> None:
     assert _prep_case(fmt, groups, device="cuda", dim=128)() is None
+
+
+@cuda
+@pytest.mark.parametrize("fmt", ["int4", "bf16"])
+@pytest.mark.parametrize("groups", [1, 8])
+@pytest.mark.parametrize("b", [1, 4, 16])
+def test_fused_prep_gpu_qwen3_8b_sizes(fmt: str, groups: int, b: int) -> None:
+    """Qwen3-8B's selector shapes (hidden 4096, 4 heads of 128) with the SM-count split-K, replayed."""
+    assert _prep_case(fmt, groups, device="cuda", dim=128, b=b, hidden_size=4096, calls=2)() is None
 
 
 if __name__ == "__main__":

@@ -83,12 +83,36 @@ def test_decode_grid(dtype, heads, bs, t) -> None:
             assert err is None, f"b {b}, lk {lk}, paged {paged}, full {full}: {err}"
 
 
+@pytest.mark.parametrize(("hq", "hkv", "t"), [(32, 8, 1), (16, 2, 8)])
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_many_splits(hq, hkv, t, paged) -> None:
+    """63 splits (64 asked, the most), of which rows use 50 to 62 or none (an empty list), call after call
+    (odd calls with the paged lengths as an expanded int64 counter)."""
+    err = decode_case(
+        b=3,
+        hq=hq,
+        hkv=hkv,
+        t=t,
+        lk=8191,
+        d=128,
+        bs=16,
+        dtype="bf16",
+        density=0.45,
+        seq_start=(0, 77, 4000),
+        splits=64,
+        width_pad=3,
+        empty_rows=((1, 0),),
+        paged=paged,
+        calls=5,
+        device="cuda",
+    )()
+    assert err is None, err
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("t", [1, 3])
 def test_scores_and_selection(dtype, t) -> None:
-    err = scores_case(
-        b=2, hq=32, hkv=8, t=t, lk=20000, d=128, bs=16, dtype=dtype, seq_start=(0, 999), device="cuda"
-    )()
+    err = scores_case(b=2, hq=32, hkv=8, t=t, lk=20000, d=128, bs=16, dtype=dtype, seq_start=(0, 999), device="cuda")()
     assert err is None, err
 
 
@@ -102,9 +126,7 @@ def _decode_inputs(lk=4096, budget_blocks=20, bs=64):
     k = torch.randn(2, 8, lk, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     ids = (
-        torch.stack(
-            [torch.randperm(lk // bs, device="cuda")[:budget_blocks].sort().values for _ in range(16)]
-        )
+        torch.stack([torch.randperm(lk // bs, device="cuda")[:budget_blocks].sort().values for _ in range(16)])
         .view(2, 8, budget_blocks)
         .int()
     )

@@ -74,3 +74,42 @@ def mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PREC)
+
+
+# ------------------------------------------------------------ last-program hand-off
+
+
+@triton.jit
+def arrive_last(Counter, n):
+    """True in the program that arrives last of the ``n`` sharing ``Counter`` (an int32 that starts at 0).
+
+    Each program calls it once, after its stores; the barrier orders every thread's stores before the
+    release. The last program's acquire makes the others' stores visible to it (read them with
+    ``cache_modifier=".cg"``: L1 is not coherent across SMs), and it resets the counter for the next launch.
+    """
+    tl.debug_barrier()
+    old = tl.atomic_add(Counter, 1, sem="acq_rel", scope="gpu")
+    last = old == n - 1
+    tl.atomic_xchg(Counter, 0, mask=last, sem="relaxed", scope="gpu")
+    return last
+
+
+_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
+_COUNTER_SLOTS = 1 << 16
+
+
+def hand_off_counters(device: torch.device, n: int) -> torch.Tensor:
+    """``n`` zeroed int32 counters for :func:`arrive_last`.
+
+    Every launch leaves its counters at zero, so one buffer per (device, stream) is reused without a memset
+    (a CUDA graph bakes its pointer in, so it is never freed or replaced). Launches on one stream run in
+    order; two streams get two buffers. Graphs captured on one stream must not be replayed concurrently
+    on different streams. More than ``_COUNTER_SLOTS`` counters get a fresh zeroed tensor per call.
+    """
+    if n > _COUNTER_SLOTS:
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return _COUNTERS[key]

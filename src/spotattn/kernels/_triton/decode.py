@@ -69,6 +69,7 @@ def _decode_split_kernel(
     scb,
     scg,
     stb,
+    slb,
     Hkv,
     T,
     Lk,
@@ -99,7 +100,7 @@ def _decode_split_kernel(
     else:
         start = 0
     if PAGED:
-        seq_len = tl.load(SeqLens + b)
+        seq_len = tl.load(SeqLens + b * slb).to(tl.int32)
     else:
         seq_len = Lk
     M = group * T
@@ -258,6 +259,7 @@ def _launch_decode(q, k, v, block_ids, counts, block_size, scale, seq_start, seq
         counts.stride(0),
         counts.stride(1),
         table.stride(0) if paged else 0,
+        seq_lens.stride(0) if paged else 0,
         hkv,
         t,
         0 if paged else k.shape[2],
@@ -403,6 +405,12 @@ def sparse_decode(
     return op(q, k, v, as_int32(block_ids), as_int32(counts), block_size, scale, start, splits)
 
 
+def _lengths(seq_lens: torch.Tensor) -> torch.Tensor:
+    # int64 and broadcast (stride 0) lengths are read as they are: a decode step's one device counter,
+    # expanded over the batch, then costs no conversion kernel.
+    return seq_lens if seq_lens.dtype in (torch.int32, torch.int64) else as_int32(seq_lens)
+
+
 def sparse_decode_paged(
     q: torch.Tensor,
     k_pages: torch.Tensor,
@@ -467,7 +475,7 @@ def sparse_decode_paged(
         last_dim_contiguous(k_pages),
         last_dim_contiguous(v_pages),
         as_int32(block_table),
-        as_int32(seq_lens),
+        _lengths(seq_lens),
         as_int32(block_ids),
         as_int32(counts),
         block_size,
