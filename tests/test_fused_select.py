@@ -328,6 +328,18 @@ def test_fused_select_matches_select_blocks_in_interpreter(verdicts: dict[str, s
 
 # ------------------------------------------------------------------------------------------- GPU
 
+def test_hand_off_counters_are_shared_zeros_and_never_replaced() -> None:
+    """The fused prep's hand-off counters: one zeroed buffer per (device, stream), the same object on every
+    call (a captured graph keeps its pointer), and a fresh zeroed tensor past the shared slots."""
+    from spotattn.kernels._triton.common import _COUNTER_SLOTS, hand_off_counters
+
+    cpu = torch.device("cpu")
+    first = hand_off_counters(cpu, 1)
+    assert hand_off_counters(cpu, 300) is first and first.dtype == torch.int32 and not bool(first.any())
+    big = hand_off_counters(cpu, _COUNTER_SLOTS + 1)
+    assert big is not first and big.numel() == _COUNTER_SLOTS + 1 and not bool(big.any())
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
