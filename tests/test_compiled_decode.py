@@ -28,12 +28,16 @@ def _sparsified(method: str, tmp_path, **model_kwargs) -> torch.nn.Module:
     return spotattn.sparsify(model, config)
 
 
-@pytest.mark.parametrize("method", ["dense", "spot", "spot-dense1", "twilight"])
+@pytest.mark.parametrize("method", ["dense", "spot", "spot-late", "spot-dense1", "twilight"])
 def test_compiled_step_equals_eager(tmp_path, monkeypatch, method):
     model = _sparsified(method, tmp_path)
     ids = torch.randint(0, 128, (2, 150))
     logits, eager_cache = prefill_to_static(model, ids, capacity=200)
     _, compiled_cache = prefill_to_static(model, ids, capacity=200)
+    # spot's selection starts in the layer's pre-hook (it reads only the hidden states); "spot-late" turns
+    # that off and selects in the attention call, as twilight (which reads the query) always does.
+    early = method in ("spot", "spot-dense1")
+    eager_cache.overlap_selection = compiled_cache.overlap_selection = method != "spot-late"
     eager = GraphDecoder(model, eager_cache)
     compiled = GraphDecoder(model, compiled_cache, compile=True)
 
@@ -48,7 +52,9 @@ def test_compiled_step_equals_eager(tmp_path, monkeypatch, method):
         before = len(selections)
         got = compiled.step_compiled(token)  # raises if this position would recompile
         if step > 0:  # selection runs behind the opaque op in every selecting layer; dense layers skip it
-            assert len(selections) - before == {"dense": 0, "spot": 2, "spot-dense1": 1, "twilight": 1}[method]
+            ran = selections[before:]
+            assert len(ran) == {"dense": 0, "spot": 2, "spot-late": 2, "spot-dense1": 1, "twilight": 1}[method]
+            assert all((ctx.query is None) == early for ctx in ran)  # early: before the query exists
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         token = want.argmax(-1)
     assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph: fullgraph, no recompiles
@@ -74,11 +80,12 @@ def test_compile_refuses_modes_with_their_own_cuda_graphs(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", ["dense", "spot", "twilight"])
+@pytest.mark.parametrize("method", ["dense", "spot", "spot-late", "twilight"])
 def test_compiled_graph_replay(tmp_path, method):
     model = _sparsified(method, tmp_path, hidden=256, heads=4).cuda().to(torch.bfloat16)  # head_dim 64
     ids = torch.randint(0, 128, (2, 300), device="cuda")
     logits, cache = prefill_to_static(model, ids, capacity=400)
+    cache.overlap_selection = method != "spot-late"  # spot: a side stream inside the compiled, captured step
     plain = GraphDecoder(model, cache)
     decoder = GraphDecoder(model, cache, compile=True)
     length = int(cache.length())
@@ -112,3 +119,9 @@ def test_bench_reports_compiled_rows():
     text = bench.markdown({**header, "compile": True, "rows": [row]})
     assert "| 1 | 8192 | 11.00 | 6.00 | 11.80 | 4.00 | 1.50x | - | 70 / 80 | 0.03 / 0.05 |" in text
     assert "dense compiled" not in bench.markdown({**header, "rows": [row]})
+    assert "side stream" not in text
+    row.update(spot_inline_ms=12.0, spot_inline_compiled_ms=5.0)
+    bench._ratios(row)
+    assert row["spot_compiled_overlap_speedup"] == 1.25
+    text = bench.markdown({**header, "compile": True, "rows": [row]})
+    assert "| 1 | 8192 | 12.00 | 11.80 | 1.02x | 5.00 | 4.00 | 1.25x |" in text

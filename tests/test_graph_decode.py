@@ -38,10 +38,11 @@ def random_selector(model, tmp_path) -> str:
 
 
 @torch.no_grad()
-def decode_both(model, ids: torch.Tensor, steps: int, capacity: int, layer: int = 1):
+def decode_both(model, ids: torch.Tensor, steps: int, capacity: int, layer: int = 1, overlap: bool = True):
     """Greedy decode on the ordinary SparseCache and, fed the same tokens, on a static cache (eager); with
-    both logits, ``layer``'s selections."""
+    both logits, ``layer``'s selections. ``overlap``: the static cache's overlap_selection."""
     logits, static = prefill_to_static(model, ids, capacity=capacity)
+    static.overlap_selection = overlap
     decoder = GraphDecoder(model, static)
     cache = SparseCache(model.config)
     first = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
@@ -64,8 +65,9 @@ def test_dense_static_equals_dynamic():
         torch.testing.assert_close(static, dynamic, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
-def test_spot_static_equals_dynamic(tmp_path, fmt):
+def test_spot_static_equals_dynamic(tmp_path, fmt, overlap):
     model = tiny_llama()
     path = random_selector(model, tmp_path)
     ids = torch.randint(0, 128, (2, 150))
@@ -73,7 +75,7 @@ def test_spot_static_equals_dynamic(tmp_path, fmt):
     dense_pairs = decode_both(dense, ids, steps=1, capacity=200)
     for budget in (TopK(100_000), TopK(48), DualTopP(p=0.5, sink=16, recent=16, min_tokens=32, max_tokens=64)):
         spotattn.sparsify(model, SpotConfig(checkpoint=path, budget=budget, key_format=fmt))
-        pairs = decode_both(model, ids, steps=8, capacity=200)
+        pairs = decode_both(model, ids, steps=8, capacity=200, overlap=overlap)
         for dynamic, static, dyn_sel, static_sel in pairs:
             torch.testing.assert_close(static, dynamic, rtol=1e-5, atol=1e-5)
             for b in range(2):
@@ -93,7 +95,7 @@ def test_spot_dense_layers_static_equals_dynamic(tmp_path):
     model = tiny_llama(layers=4)
     spotattn.sparsify(model, SpotConfig(checkpoint=random_selector(model, tmp_path), budget=TopK(48), dense_layers=2))
     ids = torch.randint(0, 128, (2, 150))
-    pairs = decode_both(model, ids, steps=6, capacity=200, layer=3)
+    pairs = decode_both(model, ids, steps=6, capacity=200, layer=3)  # early selection, dense layers skip it
     for dynamic, static, dyn_sel, static_sel in pairs:
         torch.testing.assert_close(static, dynamic, rtol=1e-5, atol=1e-5)
         for b in range(2):
@@ -164,15 +166,17 @@ def test_static_cache_refuses_prefill_and_unknown_methods(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", ["dense", "spot"])
+@pytest.mark.parametrize("method", ["dense", "spot", "spot-late"])
 def test_graph_replay_equals_eager_decode(tmp_path, method):
     model = tiny_llama(hidden=256, heads=4).cuda().to(torch.bfloat16)  # head_dim 64 (a Triton size)
     config = method
-    if method == "spot":
+    if method.startswith("spot"):
         config = SpotConfig(checkpoint=random_selector(model, tmp_path), budget=TopK(64), key_format="int4")
     spotattn.sparsify(model, config)
     ids = torch.randint(0, 128, (2, 300), device="cuda")
     logits, cache = prefill_to_static(model, ids, capacity=400)
+    # spot: its selection on a side stream beside the q/k/v projections, joined before attention; late: inline
+    cache.overlap_selection = method != "spot-late"
     decoder = GraphDecoder(model, cache)
     length = int(cache.length())
     decoder.capture()
@@ -191,3 +195,33 @@ def test_graph_replay_equals_eager_decode(tmp_path, method):
         torch.testing.assert_close(replay.float(), dynamic.float(), rtol=0.05, atol=0.05)
         token = dynamic.argmax(-1)
     assert int(cache.length()) == length + 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_overlapped_selection_equals_inline(tmp_path):
+    """The side stream changes when the selection runs, not what it computes: graph replays with and without
+    the overlap give the same logits bit for bit, step after step, at batch 3 with left padding."""
+    model = tiny_llama(hidden=256, heads=4, layers=3).cuda().to(torch.bfloat16)
+    budget = DualTopP(p=0.6, sink=16, recent=32, min_tokens=64, max_tokens=128)
+    spotattn.sparsify(model, SpotConfig(checkpoint=random_selector(model, tmp_path), budget=budget, key_format="int4"))
+    ids = torch.randint(0, 128, (3, 700), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0
+    logits, cache = prefill_to_static(model, ids, capacity=800, attention_mask=mask)
+    length = int(cache.length())
+    runs = {}
+    for overlap in (True, False):
+        cache.overlap_selection = overlap
+        decoder = GraphDecoder(model, cache)
+        cache.set_length(length)
+        decoder.capture()
+        cache.set_length(length)
+        token, steps = logits.argmax(-1), []
+        for _ in range(5):
+            steps.append(decoder.step(token).clone())
+            token = steps[-1].argmax(-1)
+        runs[overlap] = steps
+        del decoder
+    for overlapped, inline in zip(runs[True], runs[False], strict=True):
+        torch.testing.assert_close(overlapped, inline, rtol=0, atol=0)
+    spotattn.unsparsify(model)

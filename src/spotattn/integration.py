@@ -6,6 +6,7 @@ mask functions, and switches the model to them; ``unsparsify`` restores the mode
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.models.llama.modeling_llama import LlamaModel
 
 from . import kernels
 from .cache import SparseCache
@@ -28,6 +30,9 @@ MODEL_ATTR = "_spotattn"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MAX_DECODE_QUERIES = 8  # up to this many new tokens on top of a cache run the decode path (spec. verify)
 PHASES = ("prefill", "decode")
+# The models' cache keyword: transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name still
+# works, with a warning, until 5.40).
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -44,6 +49,8 @@ class LayerState:
     # Optional inspection hook (evaluation): the latest call's selection (None: dense) and a callback
     # ``observer(state, call, selection, phase)`` run before attention; off unless someone sets it.
     last_selection: Selection | None = None
+    # A selection a static cache started in the pre-hook, before the q/k/v projections (runtime.decode_path)
+    pending_selection: Any = None
     observer: Callable[[LayerState, AttentionCall, Selection | None, str], None] | None = None
 
     def record(self, phase: str, read: torch.Tensor, available: torch.Tensor) -> None:
@@ -224,23 +231,38 @@ def _check_model(model: torch.nn.Module, config: MethodConfig) -> list[torch.nn.
     return modules
 
 
+def cache_kwargs(cache: Cache | None) -> dict[str, Cache | None]:
+    """``{CACHE_KWARG: cache}``: pass a cache to a model under the installed transformers' keyword."""
+    return {CACHE_KWARG: cache}
+
+
+def _cache_of(kwargs: dict) -> Cache | None:
+    """The cache a layer or model was called with: ``cache`` from transformers 5.25, ``past_key_values`` before."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 def _capture_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     state: LayerState = getattr(module, STATE_ATTR)
     state.hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-    state.cache = kwargs.get("past_key_values")
+    state.cache = _cache_of(kwargs)
+    start_selection = getattr(state.cache, "start_selection", None)
+    if start_selection is not None:  # a static cache: selection that needs only the hidden states starts here
+        start_selection(state)
 
 
 def _release_inputs(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
     state: LayerState = getattr(module, STATE_ATTR)
-    state.hidden_states, state.cache = None, None
+    state.hidden_states, state.cache, state.pending_selection = None, None, None
 
 
 def _use_sparse_cache(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Give the model a SparseCache where it would build (or was handed) a fresh plain cache."""
-    cache = kwargs.get("past_key_values")
+    cache = _cache_of(kwargs)
     fresh_plain = type(cache) is DynamicCache and cache.get_seq_length() == 0
     if (cache is None and kwargs.get("use_cache", True) is not False) or fresh_plain:
-        kwargs["past_key_values"] = SparseCache(module.config)
+        kwargs.pop("past_key_values" if CACHE_KWARG == "cache" else "cache", None)
+        kwargs[CACHE_KWARG] = SparseCache(module.config)
         return args, kwargs
     return None
 

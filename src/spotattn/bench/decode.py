@@ -9,7 +9,9 @@ per (batch, context), all in one process on the same model:
 - ``dense``: spotattn's own dense decode: ``StaticSparseCache``, the ``dense`` method, the paged Triton
   decode kernel over every block up to the current length, the whole step replayed from a CUDA graph;
 - ``spot``: the ``spot`` method (random selector, ``--budget``, ``--key-format`` selector keys) in the
-  same static cache and graph;
+  same static cache and graph; its selection runs on a side stream beside each layer's q/k/v projections
+  (``StaticSparseCache.overlap_selection``), and with ``--inline`` the same step is also timed with the
+  selection in the attention call (``spot_inline``);
 - ``twilight`` (with ``--baselines`` naming it): the ``twilight`` method, defaults (first two layers dense),
   in the same static cache and graph;
 - with ``--compile``, each of these whole-model steps again, compiled with ``torch.compile`` (inductor)
@@ -107,6 +109,8 @@ def _random_selector(model, directory: Path) -> Path:
 def _hf_step(model, batch: int, ctx: int, iters: int, dtype: torch.dtype) -> float:
     from transformers import DynamicCache
 
+    from ..integration import cache_kwargs
+
     text = model.config.get_text_config(decoder=True)
     dev = model.device
     cache = DynamicCache()
@@ -116,7 +120,7 @@ def _hf_step(model, batch: int, ctx: int, iters: int, dtype: torch.dtype) -> flo
     token = torch.randint(0, text.vocab_size, (batch, 1), device=dev)
 
     def step() -> None:
-        model(token, past_key_values=cache, use_cache=True)
+        model(token, **cache_kwargs(cache), use_cache=True)
 
     with torch.no_grad():
         for _ in range(2):
@@ -339,6 +343,7 @@ def run(
     profile_dir: Path | None = None,
     baselines: tuple[str, ...] = BASELINES,
     compile: bool = False,
+    inline: bool = False,
 ) -> dict:
     from .. import sparsify, unsparsify
     from ..cli import parse_budget
@@ -404,17 +409,20 @@ def run(
             )
             _fill_static(cache, ctx)
             variants: list[tuple[str, object]] = [("dense", "dense"), ("spot", spot_config)]
+            if inline:  # spot with its selection in the attention call, not on a side stream (whole model only)
+                variants.append(("spot_inline", spot_config))
             if "twilight" in baselines:  # the whole model too (first two layers dense, as in Twilight)
                 variants.append(("twilight", TwilightConfig()))
             for name, config in variants:
                 try:
                     sparsify(model, config)
-                    if name == "spot":
+                    cache.overlap_selection = name != "spot_inline"
+                    if name.startswith("spot"):
                         _fill_selector_keys(cache, ctx, key_format, sel_dim)
                     decoder = GraphDecoder(model, cache)
                     row[f"{name}_ms"], row[f"{name}_graph_vs_eager_max_abs"] = _whole_model(decoder, cache, ctx, iters)
                     prof = profile_dir / f"select_b{batch}_{ctx}.txt" if profile_dir and name == "spot" else None
-                    if name != "twilight":  # its one-layer figures come from _baseline_layer
+                    if name in ("dense", "spot"):  # twilight's one-layer figures come from _baseline_layer
                         row.update(_layer_figures(model, cache, ctx, batch, iters, name == "spot", prof))
                     if compile:  # the same step compiled (inductor) before capture; error vs the plain eager step
                         del decoder
@@ -465,6 +473,8 @@ def _ratios(row: dict) -> None:
     ratio("dense_compiled_ms", "spot_compiled_ms", "spot_compiled_speedup_vs_dense_compiled")
     ratio("dense_ms", "dense_compiled_ms", "dense_compile_speedup")
     ratio("spot_ms", "spot_compiled_ms", "spot_compile_speedup")
+    ratio("spot_inline_ms", "spot_ms", "spot_overlap_speedup")
+    ratio("spot_inline_compiled_ms", "spot_compiled_ms", "spot_compiled_overlap_speedup")
     ratio("dense_ms", "floor_dense_ms", "dense_over_floor")
     ratio("spot_ms", "floor_spot_ms", "spot_over_floor")
     ratio("layer_dense_sdpa_ms", "layer_spot_step_ms", "layer_spot_speedup_vs_sdpa")
@@ -533,6 +543,8 @@ def markdown(report: dict) -> str:
         lines += _baseline_table(report)
     if report.get("compile"):
         lines += _compiled_table(report)
+    if any("spot_inline_ms" in r for r in report["rows"]):
+        lines += _overlap_table(report)
     errors = [(r["batch"], r["context"], k, v) for r in report["rows"] for k, v in r.items() if k.endswith("_error")]
     if errors:
         lines += ["", "Errors:", ""] + [f"- B={b} ctx={c} {k}: {v}" for b, c, k, v in errors]
@@ -619,6 +631,26 @@ def _compiled_table(report: dict) -> list[str]:
     return lines
 
 
+def _overlap_table(report: dict) -> list[str]:
+    lines = [
+        "",
+        "spot's selection on a side stream beside each layer's q/k/v projections (the default) against the same "
+        "selection inline, in the attention call (`--inline`); whole model, ms (graph replay):",
+        "",
+        "| B | context | spot inline | spot | gain | spot inline compiled | spot compiled | gain (compiled) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        if "skipped" in row:
+            continue
+        lines.append(
+            f"| {row['batch']} | {row['context']} | {_cell(row, 'spot_inline_ms')} | {_cell(row, 'spot_ms')} | "
+            f"{_cell(row, 'spot_overlap_speedup')}x | {_cell(row, 'spot_inline_compiled_ms')} | "
+            f"{_cell(row, 'spot_compiled_ms')} | {_cell(row, 'spot_compiled_overlap_speedup')}x |"
+        )
+    return lines
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -652,6 +684,12 @@ def _ints(text: str) -> list[int]:
     help="also time each whole-model step compiled with torch.compile (inductor) before capture (one compile "
     "per variant and row; compile seconds in the JSON)",
 )
+@click.option(
+    "--inline",
+    is_flag=True,
+    help="also time the whole-model spot step with its selection inline, in the attention call, instead of on "
+    "a side stream beside the q/k/v projections (the default)",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench_out/decode"), show_default=True)
 def decode_command(
     shape: str,
@@ -665,6 +703,7 @@ def decode_command(
     profile: bool,
     baselines: str,
     compile_step: bool,
+    inline: bool,
     out: Path,
 ) -> None:
     """Whole-model decode step: plain HF vs spotattn dense and sparse, in CUDA graphs."""
@@ -692,6 +731,7 @@ def decode_command(
         profile_dir=out if profile else None,
         baselines=chosen,
         compile=compile_step,
+        inline=inline,
     )
     save(report)
     click.echo(markdown(report))

@@ -24,6 +24,7 @@ buffers are passed too, so that the op is ordered after the graph's write of the
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
 from collections.abc import Callable
@@ -45,7 +46,7 @@ class DecodeContext:
 
     cache: StaticSparseCache
     state: object  # spotattn.integration.LayerState
-    query: torch.Tensor  # (B, Hq, T, D)
+    query: torch.Tensor | None  # (B, Hq, T, D); None for an early decoder (register_static_decoder)
     seq_len: torch.Tensor  # 0-dim device tensor: keys that exist, the T new ones included
     positions: torch.Tensor  # (T,) absolute positions of the new tokens
     seq_start: torch.Tensor | None
@@ -58,11 +59,18 @@ class DecodeContext:
 
 StaticDecoder = Callable[[DecodeContext], Selection | None]
 _DECODERS: dict[str, StaticDecoder] = {}
+_EARLY: set[str] = set()  # decoders that read only the hidden states (see start_selection)
 
 
-def register_static_decoder(name: str) -> Callable[[StaticDecoder], StaticDecoder]:
+def register_static_decoder(name: str, *, early: bool = False) -> Callable[[StaticDecoder], StaticDecoder]:
+    """Register ``name``'s static decoder. ``early=True`` promises that it reads only the layer's hidden
+    states, the cache's length and its own metadata, never ``ctx.query`` or the new K/V (``ctx.query`` is
+    None then): its selection can start before the layer's q/k/v projections."""
+
     def wrap(fn: StaticDecoder) -> StaticDecoder:
         _DECODERS[name] = fn
+        if early:
+            _EARLY.add(name)
         return fn
 
     return wrap
@@ -81,7 +89,15 @@ def static_decode(
         )
     b, _, t, _ = q.shape
     seq_len = cache.length(state.layer_idx)
-    if torch.compiler.is_compiling():  # compiled steps leave state.last_selection as the last eager step set it
+    pending, state.pending_selection = state.pending_selection, None
+    if pending is not None:  # started in the layer's pre-hook (start_selection): wait for it here
+        selection = pending.selection
+        if selection is not None:
+            if torch.compiler.is_compiling():
+                torch.ops.spotattn.select_join(q, pending.hidden, pending.seq_len, pending.handle)
+            else:
+                _join(pending.handle)
+    elif torch.compiler.is_compiling():  # compiled steps leave state.last_selection as the last eager step set it
         selection = _select_opaque(cache, state, q, seq_len, seq_start, scale)
     else:
         positions = seq_len - t + torch.arange(t, device=q.device)
@@ -135,6 +151,131 @@ def _record(state, counts, block_size, seq_len, seq_start, batch) -> None:
             store["decode"].add_(value)
 
 
+# ------------------------------------------------ early selection: beside the layer's q/k/v projections
+
+
+@dataclass
+class _Pending:
+    """A selection started by :func:`start_selection`, joined by :func:`static_decode`."""
+
+    selection: Selection | None
+    hidden: torch.Tensor  # read by the selection: kept alive (and, compiled, unreused) until the join
+    seq_len: torch.Tensor
+    handle: int
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def start_selection(cache: StaticSparseCache, state) -> None:
+    """The attention pre-hook's part (``StaticSparseCache.start_selection``): start an early decoder's
+    selection from the layer's hidden states, before the q/k/v projections.
+
+    On CUDA it runs on a side stream: its projection, scoring and selection kernels (a few of them
+    latency-bound, the selection on one SM) overlap the layer's projection GEMMs, and the attention waits for
+    it (an event, captured as a graph edge in a CUDA graph). On CPU it runs inline, one step earlier than
+    the attention call. Left padding is the cache's ``seq_start`` (the attention mask is not known here).
+    """
+    from ..integration import MAX_DECODE_QUERIES  # noqa: PLC0415 (integration imports this package)
+
+    state.pending_selection = None
+    hidden = state.hidden_states
+    if (
+        not cache.overlap_selection
+        or state.method.config.method not in _EARLY
+        or hidden is None
+        or hidden.shape[1] > MAX_DECODE_QUERIES
+    ):
+        return
+    # The counter before this layer's write of the new tokens, plus those tokens: what static_decode reads.
+    seq_len = cache.length(state.layer_idx) + hidden.shape[1]
+    if torch.compiler.is_compiling():
+        handle = _recorded_handle(cache, state)
+        spec = _SLOTS[handle].spec
+        selection = None
+        if spec is not None:
+            ids, counts = torch.ops.spotattn.select_early(hidden, seq_len, cache.seq_start, handle)
+            selection = Selection(ids, counts, spec[4])
+    else:
+        handle = _own_handle(cache, state)
+        selection = _launch(handle, hidden, seq_len, cache.seq_start)
+        _remember(cache, state, selection)
+        state.last_selection = selection
+    state.pending_selection = _Pending(selection, hidden, seq_len, handle)
+
+
+def _launch(
+    handle: int, hidden: torch.Tensor, seq_len: torch.Tensor, seq_start: torch.Tensor | None
+) -> Selection | None:
+    slot = _SLOTS[handle]
+    cache, state = slot.cache(), slot.state()
+    if cache is None or state is None:
+        raise RuntimeError("spotattn: the cache or the sparsified model of this step is gone")
+    t = hidden.shape[1]
+    main = torch.cuda.current_stream(hidden.device) if hidden.is_cuda else None
+    side = None
+    if main is not None:
+        side = _SIDE_STREAMS.get(hidden.device.index)
+        if side is None:
+            side = _SIDE_STREAMS[hidden.device.index] = torch.cuda.Stream(hidden.device)
+        side.wait_stream(main)  # the hidden states and the length are written on the main stream
+    saved, state.hidden_states = state.hidden_states, hidden  # the compiled graph's hidden states
+    try:
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext(), torch.no_grad():
+            positions = seq_len - t + torch.arange(t, device=hidden.device)
+            selection = _DECODERS[state.method.config.method](
+                DecodeContext(cache, state, None, seq_len, positions, seq_start)
+            )
+            if side is not None:
+                slot.done = torch.cuda.Event()
+                slot.done.record(side)
+    finally:
+        state.hidden_states = saved
+    if side is not None:
+        # Memory that crosses streams: the allocator must not hand it out again before the other stream's use.
+        for tensor in (hidden, seq_len):
+            tensor.record_stream(side)
+        if selection is not None:
+            for tensor in (selection.block_ids, selection.counts):
+                tensor.record_stream(main)
+    return selection
+
+
+def _join(handle: int) -> None:
+    done = _SLOTS[handle].done
+    if done is not None:
+        torch.cuda.current_stream().wait_event(done)
+
+
+@torch.library.custom_op("spotattn::select_early", mutates_args=())
+def _select_early_op(
+    hidden: torch.Tensor, seq_len: torch.Tensor, seq_start: torch.Tensor | None, handle: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    selection = _launch(handle, hidden, seq_len, seq_start)
+    if selection is None:
+        raise RuntimeError("spotattn::select_early: the decoder returned None where an eager step selected blocks")
+    return selection.block_ids, selection.counts  # fresh tensors, made by the decoder
+
+
+@_select_early_op.register_fake
+def _select_early_fake(hidden, seq_len, seq_start, handle):
+    ids_shape, ids_dtype, counts_shape, counts_dtype, _ = _SLOTS[handle].spec
+    return hidden.new_empty(ids_shape, dtype=ids_dtype), hidden.new_empty(counts_shape, dtype=counts_dtype)
+
+
+# Declared as mutating the query (it writes nothing): the compiled graph then orders the attention, which
+# reads the query, after the wait. The hidden states and the length are arguments so that inductor keeps
+# their buffers, which the side stream reads, alive until here.
+@torch.library.custom_op("spotattn::select_join", mutates_args=("query",))
+def _select_join_op(query: torch.Tensor, hidden: torch.Tensor, seq_len: torch.Tensor, handle: int) -> None:
+    _join(handle)
+
+
+@_select_join_op.register_fake
+def _select_join_fake(query, hidden, seq_len, handle):
+    return None
+
+
 # ------------------------------------------------------------------- the opaque selection under compile
 
 
@@ -148,6 +289,7 @@ class _Slot:
     # (ids shape, ids dtype, counts shape, counts dtype, block size).
     spec: tuple | None = None
     recorded: bool = False
+    done: torch.cuda.Event | None = None  # the side stream's last early selection (start_selection)
 
 
 _SLOTS: dict[int, _Slot] = {}
@@ -161,8 +303,8 @@ def _slot_handle(cache: StaticSparseCache, state) -> int | None:
     return None
 
 
-def _remember(cache: StaticSparseCache, state, selection: Selection | None) -> None:
-    """Record the layout of the layer's selection, for the fake implementation of the opaque op."""
+def _own_handle(cache: StaticSparseCache, state) -> int:
+    """The layer's handle, made on first use (eager steps only)."""
     handle = _slot_handle(cache, state)
     if handle is None:
         for dead in [h for h, slot in _SLOTS.items() if slot.cache() is None or slot.state() is None]:
@@ -170,7 +312,12 @@ def _remember(cache: StaticSparseCache, state, selection: Selection | None) -> N
         handle = next(_HANDLES)
         _SLOTS[handle] = _Slot(weakref.ref(cache), weakref.ref(state))
         cache._select_slots[state.layer_idx] = handle
-    slot = _SLOTS[handle]
+    return handle
+
+
+def _remember(cache: StaticSparseCache, state, selection: Selection | None) -> None:
+    """Record the layout of the layer's selection, for the fake implementations of the opaque ops."""
+    slot = _SLOTS[_own_handle(cache, state)]
     if selection is None:
         slot.spec = None
     else:
@@ -179,17 +326,22 @@ def _remember(cache: StaticSparseCache, state, selection: Selection | None) -> N
     slot.recorded = True
 
 
-def _select_opaque(
-    cache: StaticSparseCache, state, q: torch.Tensor, seq_len: torch.Tensor, seq_start: torch.Tensor | None,
-    scale: float | None,
-) -> Selection | None:
-    """The layer's selection inside a compiled region: None for a dense layer, else the opaque op."""
+def _recorded_handle(cache: StaticSparseCache, state) -> int:
     handle = _slot_handle(cache, state)
     if handle is None or not _SLOTS[handle].recorded:
         raise RuntimeError(
             "compiling a decode step on a StaticSparseCache needs one eager step on that cache first (it records "
             "each layer's selection layout and allocates lazy buffers); GraphDecoder(compile=True) does this"
         )
+    return handle
+
+
+def _select_opaque(
+    cache: StaticSparseCache, state, q: torch.Tensor, seq_len: torch.Tensor, seq_start: torch.Tensor | None,
+    scale: float | None,
+) -> Selection | None:
+    """The layer's selection inside a compiled region: None for a dense layer, else the opaque op."""
+    handle = _recorded_handle(cache, state)
     spec = _SLOTS[handle].spec
     if spec is None:
         return None
@@ -250,7 +402,7 @@ def _dense(ctx: DecodeContext) -> Selection | None:
     return None
 
 
-@register_static_decoder("spot")
+@register_static_decoder("spot", early=True)
 def _spot(ctx: DecodeContext) -> Selection | None:
     """SpotAttention: write the new selector keys in place, score the whole buffer, select by budget.
 
@@ -268,10 +420,11 @@ def _spot(ctx: DecodeContext) -> Selection | None:
     if hidden is None:
         raise RuntimeError("spot needs the layer's hidden states; use spotattn.sparsify")
     cfg = method.config
-    q = ctx.query
-    layer = method._layer(q.device)
+    # Only the hidden states are read (never ctx.query): the selection can start before the q/k/v projections.
+    on_gpu, one_query = hidden.is_cuda, hidden.shape[1] == 1
+    layer = method._layer(hidden.device)
     meta = ctx.cache.meta(ctx.layer_idx)
-    if q.is_cuda and _fused_prep(layer, cfg.key_format, hidden):
+    if on_gpu and _fused_prep(layer, cfg.key_format, hidden):
         # One kernel for norm + rope of key and queries, int4/bf16 encoding and the cache write.
         from ..spot.triton_prep import selector_decode_prep  # noqa: PLC0415 (needs triton)
 
@@ -289,13 +442,13 @@ def _spot(ctx: DecodeContext) -> Selection | None:
             buffers[name] = entry.tensor
         qs, w = layer.queries(hidden, ctx.positions)
     bs = cfg.block_size
-    if q.is_cuda and q.shape[2] == 1:
+    if on_gpu and one_query:
         from ..spot.triton_score import score_blocks_triton  # noqa: PLC0415 (needs triton)
 
         logits = score_blocks_triton(qs, w, buffers, cfg.key_format, ctx.cache.capacity, bs, ctx.seq_start)
     else:
         logits = score_blocks_torch(qs, w, buffers, cfg.key_format, ctx.positions, bs, ctx.seq_start)
-    if q.is_cuda and q.shape[2] == 1:
+    if on_gpu and one_query:
         from .select import _cap_blocks, _forced_counts, _fused_select  # noqa: PLC0415
 
         fused = _fused_select(logits)
@@ -306,7 +459,7 @@ def _spot(ctx: DecodeContext) -> Selection | None:
             width = n_sink + max(n_recent, 2) + _cap_blocks(cfg.budget, bs, logits.shape[-1])
             return fused(logits, cfg.budget, bs, width, logits=True, seq_len=ctx.seq_len, seq_start=ctx.seq_start)
     mass = torch.softmax(_finite_rows(logits), dim=-1).amax(dim=2, keepdim=True)
-    return select_decode_static(mass, cfg.budget, bs, ctx.seq_len, q.shape[2], ctx.seq_start)
+    return select_decode_static(mass, cfg.budget, bs, ctx.seq_len, hidden.shape[1], ctx.seq_start)
 
 
 def _fused_prep(layer, fmt: str, hidden: torch.Tensor) -> bool:

@@ -40,7 +40,7 @@ from collections.abc import Callable
 import torch
 
 from ..cache import SparseCache
-from ..integration import _seq_start
+from ..integration import _seq_start, cache_kwargs
 from .static_cache import StaticSparseCache
 
 
@@ -59,7 +59,7 @@ def prefill_to_static(
     The copy briefly holds the K/V twice; left padding (``attention_mask``) is kept as ``seq_start``.
     """
     cache = SparseCache(model.config)
-    out = model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids, attention_mask=attention_mask, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     static = StaticSparseCache.from_cache(cache, model.config, capacity, track_density=track_density)
     if attention_mask is not None and not bool(attention_mask.all()):
         static.seq_start = _seq_start(attention_mask.to(torch.bool))
@@ -106,7 +106,7 @@ class GraphDecoder:
         # Read on the device: the position of the new token is the number of cached tokens.
         position_ids = self.cache.length().view(1, 1).expand(batch, 1)
         out = self.model(
-            input_ids=self.input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True
+            input_ids=self.input_ids, position_ids=position_ids, **cache_kwargs(self.cache), use_cache=True
         )
         return out.logits[:, -1]
 

@@ -57,6 +57,7 @@ class StaticSparseCache(Cache):
         device: torch.device | str,
         dtype: torch.dtype,
         track_density: bool = True,
+        overlap_selection: bool = True,
     ) -> None:
         text = config.get_text_config(decoder=True)
         capacity = math.ceil(capacity / CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
@@ -64,6 +65,9 @@ class StaticSparseCache(Cache):
         super().__init__(layers=layers)
         self.capacity = capacity
         self.track_density = track_density
+        # Start selections that need only the hidden states (spot) in the layer's pre-hook, on CUDA on a side
+        # stream beside the q/k/v projections (runtime.decode_path.start_selection); False: in the attention call.
+        self.overlap_selection = overlap_selection
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         shape = (batch_size, text.num_key_value_heads, capacity, head_dim)
         probe = torch.empty(batch_size, text.num_key_value_heads, 0, head_dim, device=device, dtype=dtype)
@@ -159,6 +163,12 @@ class StaticSparseCache(Cache):
         if block_size not in self._tables:
             self.paged(0, block_size)
         return self._tables[block_size][1]
+
+    def start_selection(self, state: Any) -> None:
+        """Entry point used by the attention pre-hook: start a selection that needs only the hidden states."""
+        from .decode_path import start_selection  # noqa: PLC0415
+
+        start_selection(self, state)
 
     def decode_attention(self, state: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                          seq_start: torch.Tensor | None) -> torch.Tensor:

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ..integration import density, reset_density, sparsify, unsparsify
+from ..integration import cache_kwargs, density, reset_density, sparsify, unsparsify
 from ..methods import MethodConfig, OracleConfig
 from ..methods.spot import SpotConfig, resolve_checkpoint
 from ..selection import select_blocks
@@ -93,7 +93,7 @@ def forced_decode_logits(model, input_ids: torch.Tensor, continuation: torch.Ten
     out = model(input_ids=input_ids, use_cache=True)
     cache, logits = out.past_key_values, [out.logits[:, -1]]
     for t in range(continuation.shape[1] - 1):
-        out = model(input_ids=continuation[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids=continuation[:, t : t + 1], **cache_kwargs(cache), use_cache=True)
         cache = out.past_key_values
         logits.append(out.logits[:, -1])
     return torch.cat(logits).float()
