@@ -227,7 +227,8 @@ def _launch(
                 DecodeContext(cache, state, None, seq_len, positions, seq_start)
             )
             if side is not None:
-                slot.done = torch.cuda.Event()
+                if slot.done is None:  # made in an eager step, re-recorded in captures
+                    slot.done = torch.cuda.Event()
                 slot.done.record(side)
     finally:
         state.hidden_states = saved
