@@ -260,8 +260,7 @@ def _select_early_op(
 
 @_select_early_op.register_fake
 def _select_early_fake(hidden, seq_len, seq_start, handle):
-    ids_shape, ids_dtype, counts_shape, counts_dtype, _ = _SLOTS[handle].spec
-    return hidden.new_empty(ids_shape, dtype=ids_dtype), hidden.new_empty(counts_shape, dtype=counts_dtype)
+    return _recorded_outputs(hidden, handle)
 
 
 # Declared as mutating the query (it writes nothing): the compiled graph then orders the attention, which
@@ -391,8 +390,13 @@ def _static_select_op(
 
 @_static_select_op.register_fake
 def _static_select_fake(query, hidden, keys, values, seq_len, seq_start, scale, handle):
+    return _recorded_outputs(query, handle)
+
+
+def _recorded_outputs(like: torch.Tensor, handle: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (ids, counts) in the layout the layer's last eager selection had (the ops' fake outputs)."""
     ids_shape, ids_dtype, counts_shape, counts_dtype, _ = _SLOTS[handle].spec
-    return query.new_empty(ids_shape, dtype=ids_dtype), query.new_empty(counts_shape, dtype=counts_dtype)
+    return like.new_empty(ids_shape, dtype=ids_dtype), like.new_empty(counts_shape, dtype=counts_dtype)
 
 
 # ------------------------------------------------------------------------------------ static decoders
