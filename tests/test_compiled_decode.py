@@ -120,8 +120,8 @@ def test_bench_reports_compiled_rows():
     assert "| 1 | 8192 | 11.00 | 6.00 | 11.80 | 4.00 | 1.50x | - | 70 / 80 | 0.03 / 0.05 |" in text
     assert "dense compiled" not in bench.markdown({**header, "rows": [row]})
     assert "side stream" not in text
-    row.update(spot_inline_ms=12.0, spot_inline_compiled_ms=5.0)
+    row.update(spot_overlap_ms=11.0, spot_overlap_compiled_ms=3.2)
     bench._ratios(row)
     assert row["spot_compiled_overlap_speedup"] == 1.25
     text = bench.markdown({**header, "compile": True, "rows": [row]})
-    assert "| 1 | 8192 | 12.00 | 11.80 | 1.02x | 5.00 | 4.00 | 1.25x |" in text
+    assert "| 1 | 8192 | 11.80 | 11.00 | 1.07x | 4.00 | 3.20 | 1.25x |" in text

@@ -9,9 +9,9 @@ per (batch, context), all in one process on the same model:
 - ``dense``: spotattn's own dense decode: ``StaticSparseCache``, the ``dense`` method, the paged Triton
   decode kernel over every block up to the current length, the whole step replayed from a CUDA graph;
 - ``spot``: the ``spot`` method (random selector, ``--budget``, ``--key-format`` selector keys) in the
-  same static cache and graph; its selection runs on a side stream beside each layer's q/k/v projections
-  (``StaticSparseCache.overlap_selection``), and with ``--inline`` the same step is also timed with the
-  selection in the attention call (``spot_inline``);
+  same static cache and graph, selecting in the attention call; with ``--overlap`` the same step is also
+  timed with its selection started on a side stream beside each layer's q/k/v projections
+  (``StaticSparseCache.overlap_selection``: ``spot_overlap``);
 - ``twilight`` (with ``--baselines`` naming it): the ``twilight`` method, defaults (first two layers dense),
   in the same static cache and graph;
 - with ``--compile``, each of these whole-model steps again, compiled with ``torch.compile`` (inductor)
@@ -343,7 +343,7 @@ def run(
     profile_dir: Path | None = None,
     baselines: tuple[str, ...] = BASELINES,
     compile: bool = False,
-    inline: bool = False,
+    overlap: bool = False,
 ) -> dict:
     from .. import sparsify, unsparsify
     from ..cli import parse_budget
@@ -409,14 +409,14 @@ def run(
             )
             _fill_static(cache, ctx)
             variants: list[tuple[str, object]] = [("dense", "dense"), ("spot", spot_config)]
-            if inline:  # spot with its selection in the attention call, not on a side stream (whole model only)
-                variants.append(("spot_inline", spot_config))
+            if overlap:  # spot with its selection on a side stream beside the projections (whole model only)
+                variants.append(("spot_overlap", spot_config))
             if "twilight" in baselines:  # the whole model too (first two layers dense, as in Twilight)
                 variants.append(("twilight", TwilightConfig()))
             for name, config in variants:
                 try:
                     sparsify(model, config)
-                    cache.overlap_selection = name != "spot_inline"
+                    cache.overlap_selection = name == "spot_overlap"
                     if name.startswith("spot"):
                         _fill_selector_keys(cache, ctx, key_format, sel_dim)
                     decoder = GraphDecoder(model, cache)
@@ -473,8 +473,8 @@ def _ratios(row: dict) -> None:
     ratio("dense_compiled_ms", "spot_compiled_ms", "spot_compiled_speedup_vs_dense_compiled")
     ratio("dense_ms", "dense_compiled_ms", "dense_compile_speedup")
     ratio("spot_ms", "spot_compiled_ms", "spot_compile_speedup")
-    ratio("spot_inline_ms", "spot_ms", "spot_overlap_speedup")
-    ratio("spot_inline_compiled_ms", "spot_compiled_ms", "spot_compiled_overlap_speedup")
+    ratio("spot_ms", "spot_overlap_ms", "spot_overlap_speedup")
+    ratio("spot_compiled_ms", "spot_overlap_compiled_ms", "spot_compiled_overlap_speedup")
     ratio("dense_ms", "floor_dense_ms", "dense_over_floor")
     ratio("spot_ms", "floor_spot_ms", "spot_over_floor")
     ratio("layer_dense_sdpa_ms", "layer_spot_step_ms", "layer_spot_speedup_vs_sdpa")
@@ -543,7 +543,7 @@ def markdown(report: dict) -> str:
         lines += _baseline_table(report)
     if report.get("compile"):
         lines += _compiled_table(report)
-    if any("spot_inline_ms" in r for r in report["rows"]):
+    if any("spot_overlap_ms" in r for r in report["rows"]):
         lines += _overlap_table(report)
     errors = [(r["batch"], r["context"], k, v) for r in report["rows"] for k, v in r.items() if k.endswith("_error")]
     if errors:
@@ -634,19 +634,19 @@ def _compiled_table(report: dict) -> list[str]:
 def _overlap_table(report: dict) -> list[str]:
     lines = [
         "",
-        "spot's selection on a side stream beside each layer's q/k/v projections (the default) against the same "
-        "selection inline, in the attention call (`--inline`); whole model, ms (graph replay):",
+        "spot's selection on a side stream beside each layer's q/k/v projections (`--overlap`) against the same "
+        "selection in the attention call; whole model, ms (graph replay):",
         "",
-        "| B | context | spot inline | spot | gain | spot inline compiled | spot compiled | gain (compiled) |",
+        "| B | context | spot | spot overlapped | gain | spot compiled | spot overlapped compiled | gain (compiled) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         if "skipped" in row:
             continue
         lines.append(
-            f"| {row['batch']} | {row['context']} | {_cell(row, 'spot_inline_ms')} | {_cell(row, 'spot_ms')} | "
-            f"{_cell(row, 'spot_overlap_speedup')}x | {_cell(row, 'spot_inline_compiled_ms')} | "
-            f"{_cell(row, 'spot_compiled_ms')} | {_cell(row, 'spot_compiled_overlap_speedup')}x |"
+            f"| {row['batch']} | {row['context']} | {_cell(row, 'spot_ms')} | {_cell(row, 'spot_overlap_ms')} | "
+            f"{_cell(row, 'spot_overlap_speedup')}x | {_cell(row, 'spot_compiled_ms')} | "
+            f"{_cell(row, 'spot_overlap_compiled_ms')} | {_cell(row, 'spot_compiled_overlap_speedup')}x |"
         )
     return lines
 
@@ -685,10 +685,10 @@ def _ints(text: str) -> list[int]:
     "per variant and row; compile seconds in the JSON)",
 )
 @click.option(
-    "--inline",
+    "--overlap",
     is_flag=True,
-    help="also time the whole-model spot step with its selection inline, in the attention call, instead of on "
-    "a side stream beside the q/k/v projections (the default)",
+    help="also time the whole-model spot step with its selection started on a side stream beside each layer's "
+    "q/k/v projections (StaticSparseCache.overlap_selection) instead of in the attention call",
 )
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench_out/decode"), show_default=True)
 def decode_command(
@@ -703,7 +703,7 @@ def decode_command(
     profile: bool,
     baselines: str,
     compile_step: bool,
-    inline: bool,
+    overlap: bool,
     out: Path,
 ) -> None:
     """Whole-model decode step: plain HF vs spotattn dense and sparse, in CUDA graphs."""
@@ -731,7 +731,7 @@ def decode_command(
         profile_dir=out if profile else None,
         baselines=chosen,
         compile=compile_step,
-        inline=inline,
+        overlap=overlap,
     )
     save(report)
     click.echo(markdown(report))
