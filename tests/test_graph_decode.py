@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import spotattn
 from spotattn.cache import SparseCache
-from spotattn.integration import layer_states
+from spotattn.integration import cache_kwargs, layer_states
 from spotattn.methods.spot import SpotConfig
 from spotattn.runtime import GraphDecoder, StaticSparseCache, prefill_to_static, select_decode_static
 from spotattn.selection import select_blocks
@@ -45,12 +45,12 @@ def decode_both(model, ids: torch.Tensor, steps: int, capacity: int, layer: int 
     static.overlap_selection = overlap
     decoder = GraphDecoder(model, static)
     cache = SparseCache(model.config)
-    first = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+    first = model(ids, **cache_kwargs(cache), use_cache=True).logits[:, -1]
     torch.testing.assert_close(logits, first)
     token = first.argmax(-1)
     pairs = []
     for _ in range(steps):
-        dynamic = model(token.view(-1, 1), past_key_values=cache, use_cache=True).logits[:, -1]
+        dynamic = model(token.view(-1, 1), **cache_kwargs(cache), use_cache=True).logits[:, -1]
         dyn_sel = layer_states(model)[layer].last_selection
         static_logits = decoder.step_eager(token)
         pairs.append((dynamic, static_logits.clone(), dyn_sel, layer_states(model)[layer].last_selection))
@@ -159,10 +159,10 @@ def test_static_cache_refuses_prefill_and_unknown_methods(tmp_path):
     model = spotattn.sparsify(tiny_llama(), "oracle")
     cache = StaticSparseCache(model.config, batch_size=1, capacity=64, device="cpu", dtype=torch.float32)
     with pytest.raises(ValueError, match="prefill with a spotattn.SparseCache"):
-        model(torch.randint(0, 128, (1, 20)), past_key_values=cache)
+        model(torch.randint(0, 128, (1, 20)), **cache_kwargs(cache))
     cache.set_length(10)
     with pytest.raises(NotImplementedError, match="no static"):
-        model(torch.randint(0, 128, (1, 1)), position_ids=torch.tensor([[10]]), past_key_values=cache)
+        model(torch.randint(0, 128, (1, 1)), position_ids=torch.tensor([[10]]), **cache_kwargs(cache))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -183,7 +183,7 @@ def test_graph_replay_equals_eager_decode(tmp_path, method):
     token = logits.argmax(-1)
     reference = SparseCache(model.config)
     with torch.no_grad():
-        model(ids, past_key_values=reference, use_cache=True)
+        model(ids, **cache_kwargs(reference), use_cache=True)
     for step in range(6):
         cache.set_length(length + step)
         eager = decoder.step_eager(token).clone()
@@ -191,7 +191,7 @@ def test_graph_replay_equals_eager_decode(tmp_path, method):
         replay = decoder.step(token).clone()
         torch.testing.assert_close(replay, eager, rtol=0, atol=0)
         with torch.no_grad():
-            dynamic = model(token.view(-1, 1), past_key_values=reference, use_cache=True).logits[:, -1]
+            dynamic = model(token.view(-1, 1), **cache_kwargs(reference), use_cache=True).logits[:, -1]
         torch.testing.assert_close(replay.float(), dynamic.float(), rtol=0.05, atol=0.05)
         token = dynamic.argmax(-1)
     assert int(cache.length()) == length + 6

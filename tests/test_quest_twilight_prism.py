@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import spotattn
 from spotattn import SparseCache, TopK, make_config
+from spotattn.integration import cache_kwargs
 from spotattn.kernels.reference import block_sparse_prefill_ref
 from spotattn.methods import AttentionCall
 from spotattn.methods._masks import selection_mask
@@ -440,10 +441,10 @@ def _prefill_then_decode(
     cache = SparseCache(model.config)
     with torch.no_grad():
         kw = {} if mask is None else {"attention_mask": mask[:, :prompt]}
-        parts = [model(ids[:, :prompt], past_key_values=cache, **kw).logits]
+        parts = [model(ids[:, :prompt], **cache_kwargs(cache), **kw).logits]
         for t in range(prompt, ids.shape[1]):
             kw = {} if mask is None else {"attention_mask": mask[:, : t + 1]}
-            parts.append(model(ids[:, t : t + 1], past_key_values=cache, **kw).logits)
+            parts.append(model(ids[:, t : t + 1], **cache_kwargs(cache), **kw).logits)
     return torch.cat(parts, dim=1)
 
 
@@ -491,9 +492,9 @@ def test_small_budgets_read_less_and_decode_metadata_stays_exact(
     try:
         cache = SparseCache(tiny_model.config)
         with torch.no_grad():
-            logits = tiny_model(ids[:, :130], past_key_values=cache).logits
+            logits = tiny_model(ids[:, :130], **cache_kwargs(cache)).logits
             for t in range(130, 140):
-                logits = tiny_model(ids[:, t : t + 1], past_key_values=cache).logits
+                logits = tiny_model(ids[:, t : t + 1], **cache_kwargs(cache)).logits
         phase = "prefill" if name in ("prism", "meanpool") else "decode"
         report = spotattn.density(tiny_model, phase)
     finally:

@@ -12,6 +12,7 @@ import spotattn
 from spotattn.cache import SparseCache
 from spotattn.cli import build_config
 from spotattn.eval.runner import EvalArgumentError, parse_method_spec
+from spotattn.integration import cache_kwargs
 from spotattn.methods.spot import Spot, SpotConfig
 from spotattn.selection import select_blocks
 from spotattn.spot import Selector, SelectorMismatchError, config_for_model, load_selector, save_selector
@@ -370,8 +371,8 @@ def _peaked_selector(model, tmp_path) -> str:
 def _prefill_and_step(model, ids: torch.Tensor):
     """Hidden states of a prefill on a fresh SparseCache and of one decode step (a fixed token) on top."""
     cache = SparseCache(model.config)
-    pre = model(ids, past_key_values=cache, use_cache=True, output_hidden_states=True)
-    step = model(ids[:, :1], past_key_values=cache, use_cache=True, output_hidden_states=True)
+    pre = model(ids, **cache_kwargs(cache), use_cache=True, output_hidden_states=True)
+    step = model(ids[:, :1], **cache_kwargs(cache), use_cache=True, output_hidden_states=True)
     return pre.hidden_states, step.hidden_states, cache
 
 

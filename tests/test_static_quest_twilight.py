@@ -19,7 +19,7 @@ from _interpreter import interpreter_verdicts, print_verdicts
 from test_graph_decode import decode_both, tiny_llama
 
 import spotattn
-from spotattn.integration import layer_states
+from spotattn.integration import cache_kwargs, layer_states
 from spotattn.methods.quest import Quest, QuestConfig
 from spotattn.methods.twilight import Twilight, TwilightConfig
 from spotattn.runtime import GraphDecoder, prefill_to_static
@@ -76,14 +76,14 @@ def test_static_decode_builds_missing_metadata_from_the_keys() -> None:
     logits, static = prefill_to_static(model, ids, capacity=200)
     cache = spotattn.SparseCache(model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
     spotattn.unsparsify(model)
     spotattn.sparsify(model, TwilightConfig(candidates=TopK(64), p=0.7, dense_layers=0))
     decoder = GraphDecoder(model, static)
     token = logits.argmax(-1)
     for _ in range(3):
         with torch.no_grad():
-            dynamic = model(token.view(-1, 1), past_key_values=cache, use_cache=True).logits[:, -1]
+            dynamic = model(token.view(-1, 1), **cache_kwargs(cache), use_cache=True).logits[:, -1]
         dyn_sel = layer_states(model)[1].last_selection
         static_logits = decoder.step_eager(token)
         static_sel = layer_states(model)[1].last_selection

@@ -60,7 +60,8 @@ class SparseLayer(DynamicLayer):
 
 class SparseCache(DynamicCache):
     """``DynamicCache`` whose layers are :class:`SparseLayer`. Pass it to ``generate``/``forward`` as
-    ``past_key_values``; a sparsified model also creates one by itself when given none."""
+    ``cache`` (transformers >= 5.25) or ``past_key_values`` (``spotattn.integration.cache_kwargs`` picks);
+    a sparsified model also creates one by itself when given none."""
 
     def __init__(self, config=None) -> None:
         if config is None:

@@ -113,7 +113,7 @@ class Spot(Method):
             if lq != lk:
                 raise RuntimeError(
                     "spot needs its selector keys for the cached tokens: run generation with the SparseCache "
-                    "that a sparsified model creates (pass no past_key_values, or a spotattn.SparseCache)"
+                    "that a sparsified model creates (pass no cache, or a spotattn.SparseCache)"
                 )
             return pos, quantize(keys, self.config.key_format)
         cache = KeyCache(call.cache_state, self.config.key_format)
