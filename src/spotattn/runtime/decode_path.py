@@ -92,11 +92,11 @@ def static_decode(
     pending, state.pending_selection = state.pending_selection, None
     if pending is not None:  # started in the layer's pre-hook (start_selection): wait for it here
         selection = pending.selection
-        if selection is not None:
-            if torch.compiler.is_compiling():
-                torch.ops.spotattn.select_join(q, pending.hidden, pending.seq_len, pending.handle)
-            else:
-                _join(pending.handle)
+        if not torch.compiler.is_compiling():
+            # Always, also for a dense layer: the side stream forked, and a CUDA graph capture needs it joined.
+            _join(pending.handle, q.device)
+        elif selection is not None:  # compiled: a dense layer started nothing (its recorded layout is None)
+            torch.ops.spotattn.select_join(q, pending.hidden, pending.seq_len, pending.handle)
     elif torch.compiler.is_compiling():  # compiled steps leave state.last_selection as the last eager step set it
         selection = _select_opaque(cache, state, q, seq_len, seq_start, scale)
     else:
@@ -242,10 +242,10 @@ def _launch(
     return selection
 
 
-def _join(handle: int) -> None:
+def _join(handle: int, device: torch.device) -> None:
     done = _SLOTS[handle].done
-    if done is not None:
-        torch.cuda.current_stream().wait_event(done)
+    if done is not None and device.type == "cuda":
+        torch.cuda.current_stream(device).wait_event(done)
 
 
 @torch.library.custom_op("spotattn::select_early", mutates_args=())
@@ -268,7 +268,7 @@ def _select_early_fake(hidden, seq_len, seq_start, handle):
 # their buffers, which the side stream reads, alive until here.
 @torch.library.custom_op("spotattn::select_join", mutates_args=("query",))
 def _select_join_op(query: torch.Tensor, hidden: torch.Tensor, seq_len: torch.Tensor, handle: int) -> None:
-    _join(handle)
+    _join(handle, query.device)
 
 
 @_select_join_op.register_fake
