@@ -176,16 +176,13 @@ def start_selection(cache: StaticSparseCache, state) -> None:
     it (an event, captured as a graph edge in a CUDA graph). On CPU it runs inline, one step earlier than
     the attention call. Left padding is the cache's ``seq_start`` (the attention mask is not known here).
     """
+    state.pending_selection = None
+    if not cache.overlap_selection:  # the default: the selection runs in the attention call
+        return
     from ..integration import MAX_DECODE_QUERIES  # noqa: PLC0415 (integration imports this package)
 
-    state.pending_selection = None
     hidden = state.hidden_states
-    if (
-        not cache.overlap_selection
-        or state.method.config.method not in _EARLY
-        or hidden is None
-        or hidden.shape[1] > MAX_DECODE_QUERIES
-    ):
+    if state.method.config.method not in _EARLY or hidden is None or hidden.shape[1] > MAX_DECODE_QUERIES:
         return
     # The counter before this layer's write of the new tokens, plus those tokens: what static_decode reads.
     seq_len = cache.length(state.layer_idx) + hidden.shape[1]
