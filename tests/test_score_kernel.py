@@ -1,6 +1,7 @@
 """The fused selector scoring kernels (``score_blocks_triton``) against the PyTorch path (``score_blocks_torch``).
 
-Every launch variant (one tile per program, a persistent grid walking several tiles, the default) is run
+Every launch variant (one tile per program, a persistent grid walking several tiles, fp32 and fp16 dot
+operands, the default) is run
 on small odd shapes: a partial last tile and a partial last 16-key block, fewer live keys than stored ones,
 B > 1, left padding (``seq_start``), several head-weight groups, 3 heads (padded), every key format.
 Interpreter cases (CPU, ``TRITON_INTERPRET=1``) run in one fresh subprocess, because Triton reads the
@@ -21,8 +22,11 @@ from spotattn.spot.quant import FORMATS, quantize, score_blocks_torch
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
 # One of each launch: one tile per program; persistent grids (on CPU the SM count is a stand-in of 4, so
-# p1 makes each program walk two tiles here) with two pipelining depths; the default launch.
-TILINGS = ("128x4", "32x4:p1:s2", "32x4:p1:s3", "64x4", "default")
+# p1 makes each program walk two tiles here) with two pipelining depths; fp16 operands; the default launch.
+TILINGS = ("128x4", "32x4:p1:s2", "32x4:p1:s3", "32x4:p1:s3:h", "64x4", "default")
+# fp16 operands round both sides to 10-bit mantissas (as TF32 does on the GPU; the interpreter's fp32 dot
+# is exact).
+HALF_TOL = 1e-2
 # (batch, heads, dim, groups, stored keys, live keys, seq_start)
 SHAPES = {
     "b2g3": (2, 4, 64, 3, 100, 100, (0, 21)),
@@ -32,6 +36,10 @@ SHAPES = {
 
 def _case(tiling: str, shape: str, device: str = "cpu", tol: float = 1e-4) -> Callable[[], str | None]:
     def run() -> str | None:
+        from spotattn.spot.triton_score import ScoreTiling
+
+        spec = ScoreTiling() if tiling == "default" else ScoreTiling.parse(tiling)
+        limit = max(tol, HALF_TOL) if spec.half else tol
         from spotattn.spot.triton_score import score_blocks_triton
 
         b, h, d, g, stored, live, start = SHAPES[shape]
@@ -45,13 +53,13 @@ def _case(tiling: str, shape: str, device: str = "cpu", tol: float = 1e-4) -> Ca
             parts = quantize(keys, fmt)
             live_parts = {n: p[:, :live] for n, p in parts.items()}
             ref = score_blocks_torch(q, w, live_parts, fmt, torch.tensor([live - 1], device=device), 16, seq_start)
-            out = score_blocks_triton(q, w, parts, fmt, live, 16, seq_start, None if tiling == "default" else tiling)
+            out = score_blocks_triton(q, w, parts, fmt, live, 16, seq_start, None if tiling == "default" else spec)
             fin = torch.isfinite(ref)
             if out.shape != ref.shape or not torch.equal(fin, torch.isfinite(out)):
                 errors.append(f"{fmt}: shape {tuple(out.shape)} or masked blocks differ")
                 continue
             err = float((ref[fin] - out[fin]).abs().max())
-            if err > tol:
+            if err > limit:
                 errors.append(f"{fmt}: max abs diff {err:.2e}")
         return "; ".join(errors) or None
 
@@ -85,7 +93,8 @@ def test_tiling_text_round_trips() -> None:
     t = ScoreTiling.parse("64x8:p4:s2")
     assert (t.block_n, t.num_warps, t.programs_per_sm, t.num_stages) == (64, 8, 4, 2)
     assert ScoreTiling.parse(str(t)) == t and ScoreTiling.parse(str(ScoreTiling())) == ScoreTiling()
-    for bad in ("128", "100x4", "64x4:q2", "64x4:p4:tf32", "64x3"):
+    assert not t.half and ScoreTiling.parse("128x4:h").half and str(ScoreTiling.parse("128x4:h")) == "128x4:h"
+    for bad in ("128", "100x4", "64x4:q2", "64x4:p4:tf32", "64x3", "64x4:hh"):
         with pytest.raises(ValueError):
             ScoreTiling.parse(bad)
 

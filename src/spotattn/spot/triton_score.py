@@ -1,10 +1,12 @@
 """Fused dequantise-and-score Triton kernel for the selector key cache (decode, one query per sequence).
 
 Each cached key is read once (bf16, or packed 4-bit codes plus their group scales), dequantised in
-registers, scored against the ``H`` selector query heads with a tensor-core dot (fp32 operands, TF32 on the
-GPU; heads padded to 16), passed through ReLU and the per-group head weights, masked for padding and the
-future, and each 16-token block is reduced to its log-sum-exp. Only block logits reach memory: ``NB = L /
-16`` floats per group instead of ``L`` token scores or ``L * d`` dequantised values.
+registers, scored against the ``H`` selector query heads with a tensor-core dot (heads padded to 16;
+fp32 operands, TF32 on the GPU, or, with ``ScoreTiling.half``, fp16 operands: the same 10-bit mantissas
+at half the registers and twice the tensor-core rate, for keys and queries inside fp16's range, which
+RMS-normed selector keys and queries are), passed through ReLU and the per-group head weights, masked for
+padding and the future, and each 16-token block is reduced to its log-sum-exp. Only block logits reach
+memory: ``NB = L / 16`` floats per group instead of ``L`` token scores or ``L * d`` dequantised values.
 
 The grid is persistent (``programs_per_sm`` x the SM count, spread over the batch; 0: one program per
 tile): each program walks tiles ``pid, pid + P, ...`` in a ``tl.range`` loop with ``num_stages``, so the
@@ -45,14 +47,22 @@ def _e4m3(bits):
 
 
 @triton.jit
-def _dequant(codes, scale, FMT: tl.constexpr, N: tl.constexpr, C: tl.constexpr, GC: tl.constexpr):
-    """(N, C) 4-bit codes -> float32 values times their group scale (GC columns per group)."""
+def _dequant(
+    codes, scale, FMT: tl.constexpr, N: tl.constexpr, C: tl.constexpr, GC: tl.constexpr, HALF: tl.constexpr
+):
+    """(N, C) 4-bit codes -> values times their group scale (GC columns per group), float32 or fp16."""
+    if FMT == 1 and HALF:
+        # code - 8, exactly, in fp16: 1024 + code as fp16 bits (exponent of 1024, code in the mantissa),
+        # minus 1032; the scale is stored in fp16.
+        vals = (codes.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+        return (vals.reshape(N, C // GC, GC) * scale.to(tl.float16)[:, :, None]).reshape(N, C)
     if FMT == 1:
         # code - 8, exactly, without an int->float conversion: 2**23 + code as float bits, minus 2**23 + 8.
         vals = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
     else:
         vals = _e2m1(codes)
-    return (vals.reshape(N, C // GC, GC) * scale[:, :, None]).reshape(N, C)
+    vals = (vals.reshape(N, C // GC, GC) * scale[:, :, None]).reshape(N, C)
+    return vals.to(tl.float16) if HALF else vals
 
 
 @triton.jit
@@ -107,6 +117,7 @@ def _score_kernel(
     BLOCK_N: tl.constexpr,
     HAS_START: tl.constexpr,
     STAGES: tl.constexpr,
+    HALF: tl.constexpr,
 ):
     # Scales are (B, L, D // GS) with tokens contiguous: their row stride is the constexpr D // GS, so
     # their loads vectorise and pipeline like the codes'.
@@ -130,6 +141,8 @@ def _score_kernel(
     if FMT == 0:
         offs_d = tl.arange(0, D)
         q_all = tl.load(qb + offs_h[:, None] * sqh + offs_d[None, :], mask=(offs_h < H)[:, None], other=0.0)
+        if HALF:
+            q_all = q_all.to(tl.float16)
     else:
         # Byte i holds elements 2i (low nibble) and 2i+1 (high nibble): score the even and the odd halves
         # with one dot each instead of interleaving them (a join/reshape would force the dequantised tile
@@ -139,20 +152,26 @@ def _score_kernel(
         q_rows = qb + offs_h[:, None] * sqh + 2 * offs_p[None, :]
         q_even = tl.load(q_rows, mask=(offs_h < H)[:, None], other=0.0)
         q_odd = tl.load(q_rows + 1, mask=(offs_h < H)[:, None], other=0.0)
+        if HALF:
+            q_even = q_even.to(tl.float16)
+            q_odd = q_odd.to(tl.float16)
 
     for tile in tl.range(pid, tl.cdiv(num_keys, BLOCK_N), nprog, num_stages=STAGES):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = offs_n < num_keys
         if FMT == 0:
             k = tl.load(K + b * skb + offs_n[:, None] * skn + offs_d[None, :], mask=in_n[:, None], other=0.0)
-            dots = tl.dot(k.to(tl.float32), tl.trans(q_all))  # (BLOCK_N, HP)
+            dots = tl.dot(k.to(q_all.dtype), tl.trans(q_all))  # (BLOCK_N, HP)
         else:
             packed = tl.load(K + b * skb + offs_n[:, None] * skn + offs_p[None, :], mask=in_n[:, None], other=0)
-            packed = packed.to(tl.int32)
+            if HALF and FMT == 1:
+                packed = packed.to(tl.int16)
+            else:
+                packed = packed.to(tl.int32)
             sraw = tl.load(S + b * ssb + offs_n[:, None] * (D // GS) + offs_g[None, :], mask=in_n[:, None], other=0)
             scale = _scales(sraw, FMT)
-            k_even = _dequant(packed & 15, scale, FMT, BLOCK_N, D // 2, GS // 2)
-            k_odd = _dequant(packed >> 4, scale, FMT, BLOCK_N, D // 2, GS // 2)
+            k_even = _dequant(packed & 15, scale, FMT, BLOCK_N, D // 2, GS // 2, HALF)
+            k_odd = _dequant(packed >> 4, scale, FMT, BLOCK_N, D // 2, GS // 2, HALF)
             dots = tl.dot(k_even, tl.trans(q_even))
             dots = tl.dot(k_odd, tl.trans(q_odd), dots)  # (BLOCK_N, HP)
 
@@ -170,7 +189,8 @@ class ScoreTiling:
 
     ``block_n`` keys per tile, ``num_warps``; ``programs_per_sm`` > 0 launches ``programs_per_sm`` x the SM
     count programs (over the whole batch), 0 one program per tile; ``num_stages`` is the loop's
-    software-pipelining depth.
+    software-pipelining depth; ``half`` dequantises into fp16 and dots fp16 operands (fp32 accumulation)
+    instead of fp32 ones (TF32 on the GPU): both keep 10-bit mantissas.
     """
 
     # Fastest measured on an H100 (`spotattn bench select --score-only`, int4, 128K and 32K keys, B = 1, 4).
@@ -178,6 +198,7 @@ class ScoreTiling:
     num_warps: int = 4
     programs_per_sm: int = 4
     num_stages: int = 3
+    half: bool = True
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -189,30 +210,34 @@ class ScoreTiling:
 
     @classmethod
     def parse(cls, text: str) -> ScoreTiling:
-        """``KEYSxWARPS[:pN][:sN]``, e.g. ``128x4`` (one tile per program) or ``64x4:p4:s3`` (4 programs per
-        SM, 3 stages). Omitted: ``p0``, ``s3``."""
+        """``KEYSxWARPS[:pN][:sN][:h]``, e.g. ``128x4`` (one tile per program) or ``64x4:p4:s3:h`` (4 programs
+        per SM, 3 stages, fp16 operands). Omitted: ``p0``, ``s3``, fp32 operands."""
         head, *opts = text.strip().split(":")
         try:
             keys, warps = (int(v) for v in head.split("x"))
-            fields: dict = dict(block_n=keys, num_warps=warps, programs_per_sm=0, num_stages=3)
+            fields: dict = dict(block_n=keys, num_warps=warps, programs_per_sm=0, num_stages=3, half=False)
             for opt in opts:
                 if opt[:1] == "p":
                     fields["programs_per_sm"] = int(opt[1:])
                 elif opt[:1] == "s":
                     fields["num_stages"] = int(opt[1:])
+                elif opt == "h":
+                    fields["half"] = True
                 else:
                     raise ValueError(f"unknown field {opt!r}")
         except ValueError as err:
-            raise ValueError(f"score tiling {text!r}: use KEYSxWARPS[:pN][:sN] ({err})") from None
+            raise ValueError(f"score tiling {text!r}: use KEYSxWARPS[:pN][:sN][:h] ({err})") from None
         return cls(**fields)
 
     def __str__(self) -> str:
         text = f"{self.block_n}x{self.num_warps}"
-        return f"{text}:p{self.programs_per_sm}:s{self.num_stages}" if self.programs_per_sm else text
+        if self.programs_per_sm:
+            text += f":p{self.programs_per_sm}:s{self.num_stages}"
+        return text + ":h" if self.half else text
 
 
-# The launch before the persistent grid (one 128-key tile per program), for comparisons.
-ONE_TILE = ScoreTiling(block_n=128, num_warps=4, programs_per_sm=0)
+# The launch before the persistent grid (one 128-key tile per program, fp32 operands), for comparisons.
+ONE_TILE = ScoreTiling(block_n=128, num_warps=4, programs_per_sm=0, half=False)
 
 
 def score_blocks_triton(
@@ -278,6 +303,7 @@ def score_blocks_triton(
         BLOCK_N=tiling.block_n,
         HAS_START=seq_start is not None,
         STAGES=tiling.num_stages,
+        HALF=tiling.half,
         num_warps=tiling.num_warps,
     )
     return out
