@@ -7,7 +7,7 @@ import torch
 
 import spotattn
 from spotattn import OracleConfig, TopP
-from spotattn.integration import cache_kwargs
+from spotattn.integration import cache_kwargs, output_cache
 from spotattn.tasks import build_needle_prompt
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def test_oracle_keeps_needle_answer_and_next_token_agreement(smollm2):
             out = model(ids, use_cache=True)
             logits = [out.logits[0, -1]]
             for i in range(answer.shape[1] - 1):
-                out = model(answer[:, i : i + 1], **cache_kwargs(out.past_key_values))
+                out = model(answer[:, i : i + 1], **cache_kwargs(output_cache(out)))
                 logits.append(out.logits[0, -1])
     finally:
         spotattn.unsparsify(model)

@@ -12,7 +12,7 @@ import spotattn
 from spotattn.cache import SparseCache
 from spotattn.cli import build_config
 from spotattn.eval.runner import EvalArgumentError, parse_method_spec
-from spotattn.integration import cache_kwargs
+from spotattn.integration import cache_kwargs, output_cache
 from spotattn.methods.spot import Spot, SpotConfig
 from spotattn.selection import select_blocks
 from spotattn.spot import Selector, SelectorMismatchError, config_for_model, load_selector, save_selector
@@ -350,7 +350,7 @@ def test_spot_budget_reads_less_and_keeps_key_cache_in_step(tiny_ckpt):
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                  return_dict_in_generate=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         assert len(KeyCache(cache.meta(0), "int4")) == cache.get_seq_length() == 205
         assert 0 < spotattn.density(model, "decode").mean < 0.6
     finally:

@@ -236,6 +236,13 @@ def cache_kwargs(cache: Cache | None) -> dict[str, Cache | None]:
     return {CACHE_KWARG: cache}
 
 
+def output_cache(output: object) -> Cache | None:
+    """The cache a model's output carries: ``output.cache`` from transformers 5.25 (``past_key_values`` is
+    only an alias there, which may go), ``output.past_key_values`` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 def _cache_of(kwargs: dict) -> Cache | None:
     """The cache a layer or model was called with: ``cache`` from transformers 5.25, ``past_key_values`` before."""
     cache = kwargs.get("cache")

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ..integration import cache_kwargs, density, reset_density, sparsify, unsparsify
+from ..integration import cache_kwargs, density, output_cache, reset_density, sparsify, unsparsify
 from ..methods import MethodConfig, OracleConfig
 from ..methods.spot import SpotConfig, resolve_checkpoint
 from ..selection import select_blocks
@@ -91,10 +91,10 @@ def attention_recall(
 def forced_decode_logits(model, input_ids: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
     """Logits of each continuation token's step, teacher-forced: ``(T, vocab)``."""
     out = model(input_ids=input_ids, use_cache=True)
-    cache, logits = out.past_key_values, [out.logits[:, -1]]
+    cache, logits = output_cache(out), [out.logits[:, -1]]
     for t in range(continuation.shape[1] - 1):
         out = model(input_ids=continuation[:, t : t + 1], **cache_kwargs(cache), use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         logits.append(out.logits[:, -1])
     return torch.cat(logits).float()
 
