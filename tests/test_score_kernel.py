@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 # One of each launch: one tile per program; persistent grids (on CPU the SM count is a stand-in of 4, so
 # p1 makes each program walk two tiles here) with two pipelining depths; fp16 operands; the default launch.
-TILINGS = ("128x4", "32x4:p1:s2", "32x4:p1:s3", "32x4:p1:s3:h", "64x4", "default")
+TILINGS = ("128x4", "32x4:p1:s2", "32x4:p1:s3", "32x4:p1:s3:h", "64x4", "default", "64x4:p1:s3:ptx")
 # fp16 operands round both sides to 10-bit mantissas (as TF32 does on the GPU; the interpreter's fp32 dot
 # is exact).
 HALF_TOL = 1e-2
@@ -67,9 +67,10 @@ def _case(tiling: str, shape: str, device: str = "cpu", tol: float = 1e-4) -> Ca
 
 
 def interpreter_cases() -> dict[str, Callable[[], str | None]]:
-    # The last two tilings on one shape each, to keep the interpreter run short.
-    cases = {f"{t}-{s}": _case(t, s) for t in TILINGS[:-2] for s in SHAPES}
-    return cases | {f"{TILINGS[-2]}-b3h3": _case(TILINGS[-2], "b3h3"), "default-b2g3": _case("default", "b2g3")}
+    # "64x4" and the default on one shape each, to keep the interpreter run short; the PTX decoding only on
+    # the GPU (the interpreter would run the fp16 path already covered).
+    cases = {f"{t}-{s}": _case(t, s) for t in TILINGS[:-3] for s in SHAPES}
+    return cases | {"64x4-b3h3": _case("64x4", "b3h3"), "default-b2g3": _case("default", "b2g3")}
 
 
 CASES = sorted(interpreter_cases())
@@ -94,9 +95,13 @@ def test_tiling_text_round_trips() -> None:
     assert (t.block_n, t.num_warps, t.programs_per_sm, t.num_stages) == (64, 8, 4, 2)
     assert ScoreTiling.parse(str(t)) == t and ScoreTiling.parse(str(ScoreTiling())) == ScoreTiling()
     assert not t.half and ScoreTiling.parse("128x4:h").half and str(ScoreTiling.parse("128x4:h")) == "128x4:h"
+    ptx = ScoreTiling.parse("64x4:p4:s3:ptx")
+    assert ptx.half and ptx.ptx and ScoreTiling.parse(str(ptx)) == ptx
     for bad in ("128", "100x4", "64x4:q2", "64x4:p4:tf32", "64x3", "64x4:hh"):
         with pytest.raises(ValueError):
             ScoreTiling.parse(bad)
+    with pytest.raises(ValueError, match="half"):
+        ScoreTiling(half=False, ptx=True)
 
 
 # ------------------------------------------------------------------------------------------- GPU
@@ -110,6 +115,23 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_scoring_gpu(tiling: str, shape: str) -> None:
     # The dot runs in TF32 on the GPU (10-bit mantissas for both operands).
     assert _case(tiling, shape, device="cuda", tol=2e-2)() is None
+
+
+@cuda
+@pytest.mark.parametrize("fmt", ["int4", "mxfp4"])
+def test_ptx_decoding_equals_fp16_path(fmt: str) -> None:
+    # The PTX decoding yields the fp16 path's operands bit for bit, so the block logits are equal, at a
+    # Qwen3-8B selector shape with a partial last tile and left padding; other formats ignore the flag.
+    from spotattn.spot.triton_score import score_blocks_triton
+
+    gen = torch.Generator().manual_seed(7)
+    q = (torch.randn(2, 4, 1, 128, generator=gen) * 0.1).cuda()
+    w = torch.randn(2, 1, 4, 1, generator=gen).cuda()
+    parts = quantize(torch.randn(2, 5000, 128, generator=gen).cuda(), fmt)
+    start = torch.tensor([0, 333], device="cuda")
+    args = (q, w, parts, fmt, 4999, 16, start)
+    ptx, fp16 = (score_blocks_triton(*args, tiling=t) for t in ("64x4:p4:s3:ptx", "64x4:p4:s3:h"))
+    assert torch.equal(ptx, fp16)
 
 
 if __name__ == "__main__":

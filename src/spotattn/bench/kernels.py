@@ -346,18 +346,20 @@ def bench_decode(
 # ---------------------------------------------------------------------------------- decode selection
 SELECT_BUDGETS = ("topk:4096", "dual:0.9:4096", "topp:0.9")
 # One tile per program first (the launch before the persistent grid), then persistent grids with fp32
-# operands (the launch before fp16 operands) and with fp16 ones (ScoreTiling.parse's syntax).
+# operands (the launch before fp16 operands), with fp16 ones, and with int4 decoded in PTX
+# (ScoreTiling.parse's syntax).
 SCORE_TILES = (
     "128x4",
     "64x4:p4:s3",
     "64x4:p4:s3:h",
-    "64x4:p2:s3:h",
-    "64x4:p8:s3:h",
-    "64x4:p4:s4:h",
-    "32x4:p8:s3:h",
-    "128x4:p2:s3:h",
-    "128x8:p2:s3:h",
-    "128x4:p4:s3:h",
+    "64x4:p4:s3:ptx",
+    "64x4:p2:s3:ptx",
+    "64x4:p8:s3:ptx",
+    "64x4:p4:s4:ptx",
+    "32x4:p8:s3:ptx",
+    "128x4:p2:s3:ptx",
+    "128x8:p2:s3:ptx",
+    "128x4:p4:s3:ptx",
 )
 
 
@@ -543,10 +545,11 @@ def select_markdown(rows: list[dict], score_rows: list[dict]) -> str:
 @click.option("--spreads", default="1,4", show_default=True, help="std of the random block logits")
 @click.option("--warps", default="auto", show_default=True, help="selection launch widths, e.g. auto,4,8,16")
 @click.option("--score-tiles", default=",".join(SCORE_TILES), show_default=True,
-              help="scoring kernel launches to compare, comma-separated, each KEYSxWARPS[:pN][:sN][:h]: KEYS "
-              "keys per tile, WARPS warps; :pN a persistent grid of N programs per SM (omitted: one program "
-              "per tile), :sN its pipelining stages (default 3), :h fp16 dot operands (omitted: fp32, TF32). "
-              "'default' is score_blocks_triton's default")
+              help="scoring kernel launches to compare, comma-separated, each KEYSxWARPS[:pN][:sN][:h|:ptx]: "
+              "KEYS keys per tile, WARPS warps; :pN a persistent grid of N programs per SM (omitted: one "
+              "program per tile), :sN its pipelining stages (default 3), :h fp16 dot operands, :ptx fp16 "
+              "with int4 decoded in inline PTX (omitted: fp32, TF32). 'default' is score_blocks_triton's "
+              "default")
 @click.option("--key-format", default="int4", show_default=True, help="selector key format for the scoring kernel")
 @click.option("--score-only", is_flag=True, help="time only the scoring kernel (skip the selection kernel)")
 def select_command(blocks, batches, budgets, spreads, warps, score_tiles, key_format, score_only) -> None:

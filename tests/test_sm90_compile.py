@@ -1,0 +1,71 @@
+"""GPU kernels compile for an H100 (sm_90) on a machine without a GPU.
+
+The interpreter runs a kernel's arithmetic, not its compilation: a constexpr branch it never takes, an
+integer constant out of an int16 range, or inline PTX only the GPU compiler checks. Triton ships ptxas,
+so ``triton.compile`` for a CUDA target needs no driver: each variant is compiled to a cubin here, with
+the divisibility Triton's launcher would infer for our strides, and its SASS is checked for the
+instructions the variant exists for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+_FMT = {"bf16": 0, "int4": 1, "mxfp4": 2, "nvfp4": 3}
+_GROUP = {"bf16": 1, "int4": 32, "mxfp4": 32, "nvfp4": 16}
+
+
+def _compile_score_kernel(fmt: str, half: bool, ptx: bool):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from spotattn.spot import triton_score
+
+    key = "*bf16" if fmt == "bf16" else "*u8"
+    scale = {"int4": "*fp16"}.get(fmt, "*u8") if fmt != "bf16" else "*bf16"
+    signature = {"Q": "*fp32", "W": "*fp32", "K": key, "S": scale, "Start": "*i32", "Out": "*fp32"}
+    strides = ("sqb", "sqh", "swb", "swg", "skb", "skn", "ssb", "sob", "sog", "num_keys", "NB")
+    signature |= dict.fromkeys(strides, "i32")
+    constexprs = dict(H=4, HP=16, G=1, GP=1, D=128, FMT=_FMT[fmt], GS=_GROUP[fmt], BS=16, BLOCK_N=64,
+                      HAS_START=True, STAGES=3, HALF=half, PTX=ptx)
+    signature |= dict.fromkeys(constexprs, "constexpr")
+    names = list(signature)
+    # What the launcher infers at 128K keys: pointers and the long strides divisible by 16 (not the head
+    # weights' strides, 4 and 1 at one group of 4 heads).
+    divisible = ("Q", "W", "K", "S", "Start", "Out", "sqb", "sqh", "skb", "skn", "ssb", "sob", "sog", "num_keys", "NB")
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    source = ASTSource(fn=triton_score._score_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def _sass(kernel, tmp_path: Path) -> str:
+    import triton
+
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip(f"{tool} is not in this Triton wheel")
+    return subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.parametrize(
+    ("fmt", "half", "ptx"),
+    [("int4", False, False), ("int4", True, False), ("int4", True, True), ("bf16", True, False),
+     ("mxfp4", True, False), ("nvfp4", True, False)],
+)
+def test_score_kernel_compiles_for_sm90(fmt: str, half: bool, ptx: bool, tmp_path: Path) -> None:
+    sass = _sass(_compile_score_kernel(fmt, half, ptx), tmp_path)
+    # Tensor-core dots: fp16 operands run HGMMA ...F16 / fp32 ones its TF32 form; both read A from registers.
+    assert "HGMMA" in sass
+    if half and fmt == "int4":
+        assert "HMUL2" in sass  # int4 scales (fp16) are applied to two fp16 values per instruction
+    if ptx:
+        assert "HADD2" in sass and "PRMT" in sass  # the inline PTX: byte permute, f16x2 subtract
