@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
@@ -43,6 +45,54 @@ def _compile_score_kernel(fmt: str, half: bool, ptx: bool):
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     source = ASTSource(fn=triton_score._score_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+# The modules whose interpreter cases launch each of our kernels, and the kernels they must reach.
+MODULES = {
+    "_triton_cases": ("interpreter_cases", {"_decode_split_kernel", "_decode_reduce_kernel", "_prefill_kernel",
+                                            "_score_stats_kernel", "_score_mass_kernel"}),
+    "test_fused_select": ("interpreter_cases", {"_select_row_kernel", "_proj_prep_kernel"}),
+    "test_static_quest_twilight": ("interpreter_cases", {"_decode_meta_kernel", "_quest_bound_kernel",
+                                                         "_candidate_lse_kernel"}),
+    "test_score_kernel": ("interpreter_cases", {"_score_kernel"}),
+    "test_sm90_compile": ("prism_launches", {"_pool_kernel", "_band_probs_kernel", "_topp_union_kernel"}),
+}
+
+
+def prism_launches() -> dict[str, Callable[[], object]]:
+    """Prism's and MeanPool's whole Triton estimate (the interpreter cases of ``test_prism_triton`` check
+    each launch's output before the next, which stops them after the first launch when nothing runs)."""
+    from spotattn.kernels import prism_triton
+    from spotattn.methods import AttentionCall
+    from spotattn.methods.prism import MeanPool, MeanPoolConfig, Prism, PrismConfig
+
+    def launch(cls: type, config: object, dtype: torch.dtype, start: tuple[int, ...] | None) -> Callable[[], object]:
+        def run() -> object:
+            q, k = torch.randn(2, 4, 200, 64, dtype=dtype), torch.randn(2, 2, 300, 64, dtype=dtype)
+            method = cls(config, None, 0)
+            method.estimator = lambda x: prism_triton  # the Triton path on CPU tensors
+            seq_start = torch.tensor(start) if start else None
+            return method.prefill(AttentionCall(q, k, k, 0.125, 0, seq_start))
+
+        return run
+
+    return {
+        "prism-bf16-padded": launch(Prism, PrismConfig(block_size=64), torch.bfloat16, (0, 37)),
+        "prism-fp32-uncalibrated": launch(Prism, PrismConfig(block_size=32, calibrate=False), torch.float32, None),
+        "meanpool-bf16": launch(MeanPool, MeanPoolConfig(block_size=64), torch.bfloat16, None),
+    }
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_kernels_compile_for_sm90(module: str) -> None:
+    """Every launch of the module's interpreter cases compiles for sm_90 (specialised as the GPU launcher
+    would specialise it, on the cases' own arguments)."""
+    from _sm90 import compile_module_cases
+
+    function, expected = MODULES[module]
+    compiled, errors = compile_module_cases(module, function, timeout=600)
+    assert not errors, "\n\n".join(errors)
+    assert expected <= compiled, f"kernels not reached: {sorted(expected - compiled)}"
 
 
 def _sass(kernel, tmp_path: Path) -> str:
