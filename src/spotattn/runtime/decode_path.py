@@ -96,7 +96,9 @@ def static_decode(
             # Always, also for a dense layer: the side stream forked, and a CUDA graph capture needs it joined.
             _join(pending.handle, q.device)
         elif selection is not None:  # compiled: a dense layer started nothing (its recorded layout is None)
-            torch.ops.spotattn.select_join(q, pending.hidden, pending.seq_len, pending.handle)
+            torch.ops.spotattn.select_join(
+                q, selection.block_ids, selection.counts, pending.hidden, pending.seq_len, pending.handle
+            )
     elif torch.compiler.is_compiling():  # compiled steps leave state.last_selection as the last eager step set it
         selection = _select_opaque(cache, state, q, seq_len, seq_start, scale)
     else:
@@ -261,15 +263,24 @@ def _select_early_fake(hidden, seq_len, seq_start, handle):
 
 
 # Declared as mutating the query (it writes nothing): the compiled graph then orders the attention, which
-# reads the query, after the wait. The hidden states and the length are arguments so that inductor keeps
-# their buffers, which the side stream reads, alive until here.
+# reads the query, after the wait. It takes select_early's outputs, so that it is ordered after the fork
+# (without them nothing ties the two ops, and inductor may schedule the wait first, which then waits for
+# an earlier record of the event); and the hidden states and the length, so that inductor keeps their
+# buffers, which the side stream reads, alive until here.
 @torch.library.custom_op("spotattn::select_join", mutates_args=("query",))
-def _select_join_op(query: torch.Tensor, hidden: torch.Tensor, seq_len: torch.Tensor, handle: int) -> None:
+def _select_join_op(
+    query: torch.Tensor,
+    block_ids: torch.Tensor,
+    counts: torch.Tensor,
+    hidden: torch.Tensor,
+    seq_len: torch.Tensor,
+    handle: int,
+) -> None:
     _join(handle, query.device)
 
 
 @_select_join_op.register_fake
-def _select_join_fake(query, hidden, seq_len, handle):
+def _select_join_fake(query, block_ids, counts, hidden, seq_len, handle):
     return None
 
 
