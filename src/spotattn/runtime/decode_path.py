@@ -179,7 +179,7 @@ def start_selection(cache: StaticSparseCache, state) -> None:
     the attention call. Left padding is the cache's ``seq_start`` (the attention mask is not known here).
     """
     state.pending_selection = None
-    if not cache.overlap_selection:  # the default: the selection runs in the attention call
+    if not cache.overlap_selection:  # turned off: the selection runs in the attention call
         return
     from ..integration import MAX_DECODE_QUERIES  # noqa: PLC0415 (integration imports this package)
 
