@@ -10,8 +10,9 @@ memory: ``NB = L / 16`` floats per group instead of ``L`` token scores or ``L * 
 
 The grid is persistent (``programs_per_sm`` x the SM count, spread over the batch; 0: one program per
 tile): each program walks tiles ``pid, pid + P, ...`` in a ``tl.range`` loop with ``num_stages``, so the
-next tiles' loads are issued under the current tile's math. On an H100 the 4-bit path runs at about 1 TB/s,
-bound by the instructions that decode the codes rather than by memory (``BENCHMARKS.md``).
+next tiles' loads are issued under the current tile's math. The 4-bit path is bound by the instructions
+that decode the codes rather than by memory: on an H200 at 128K keys it reads 1.2 TB/s at B = 1 and 1.8
+TB/s at B = 4 with the PTX decoding, about 1 TB/s with fp32 operands (``BENCHMARKS.md``).
 """
 
 from __future__ import annotations
