@@ -521,23 +521,17 @@ def markdown(report: dict) -> str:
             f"{_cell(row, 'dense_speedup_vs_hf')}x | {_cell(row, 'twilight_ms')} | "
             f"{_cell(row, 'spot_speedup_vs_twilight')}x |"
         )
-    lines += [
-        "",
+    lines += _table(
+        report,
         "One layer's decode step (layer 0 shapes, each part replayed from a CUDA graph), ms:",
-        "",
-        "| B | context | dense SDPA | ours dense | spot selection | spot attention | spot both | tokens read | "
-        "spot vs SDPA |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in report["rows"]:
-        if "skipped" in row:
-            continue
-        lines.append(
-            f"| {row['batch']} | {row['context']} | {_cell(row, 'layer_dense_sdpa_ms', '{:.3f}')} | "
-            f"{_cell(row, 'layer_dense_ours_ms', '{:.3f}')} | {_cell(row, 'layer_spot_select_ms', '{:.3f}')} | "
-            f"{_cell(row, 'layer_spot_attn_ms', '{:.3f}')} | {_cell(row, 'layer_spot_step_ms', '{:.3f}')} | "
-            f"{_cell(row, 'layer_spot_tokens_read', '{:.0f}')} | {_cell(row, 'layer_spot_speedup_vs_sdpa')}x |"
-        )
+        ["dense SDPA", "ours dense", "spot selection", "spot attention", "spot both", "tokens read", "spot vs SDPA"],
+        lambda row: [
+            _cell(row, "layer_dense_sdpa_ms", "{:.3f}"), _cell(row, "layer_dense_ours_ms", "{:.3f}"),
+            _cell(row, "layer_spot_select_ms", "{:.3f}"), _cell(row, "layer_spot_attn_ms", "{:.3f}"),
+            _cell(row, "layer_spot_step_ms", "{:.3f}"), _cell(row, "layer_spot_tokens_read", "{:.0f}"),
+            f"{_cell(row, 'layer_spot_speedup_vs_sdpa')}x",
+        ],
+    )
     lines += _sequence_table(report)
     if any("layer_twilight_step_ms" in r or "layer_quest_select_ms" in r for r in report["rows"]):
         lines += _baseline_table(report)
@@ -551,25 +545,27 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _table(report: dict, intro: str, columns: list[str], cells: Callable[[dict], list[str]]) -> list[str]:
+    """A markdown table with one line per measured row: batch, context, then ``cells(row)`` under ``columns``."""
+    lines = ["", intro, "", "| B | context | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for row in report["rows"]:
+        if "skipped" not in row:
+            lines.append(f"| {row['batch']} | {row['context']} | " + " | ".join(cells(row)) + " |")
+    return lines
+
+
 def _sequence_table(report: dict) -> list[str]:
-    lines = [
-        "",
+    return _table(
+        report,
         f"One layer's step inside a model: layers 0-{SEQUENCE_LAYERS - 1} back to back in one CUDA graph, each on "
         "its own K/V and selector keys, time / layers (no per-replay launch latency, no L2 reuse), ms:",
-        "",
-        "| B | context | dense SDPA | ours dense | spot both | twilight both | spot vs SDPA | spot vs twilight |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in report["rows"]:
-        if "skipped" in row:
-            continue
-        lines.append(
-            f"| {row['batch']} | {row['context']} | {_cell(row, 'layer_dense_sdpa_seq_ms', '{:.3f}')} | "
-            f"{_cell(row, 'layer_dense_ours_seq_ms', '{:.3f}')} | {_cell(row, 'layer_spot_step_seq_ms', '{:.3f}')} | "
-            f"{_cell(row, 'layer_twilight_step_seq_ms', '{:.3f}')} | {_cell(row, 'layer_spot_seq_speedup_vs_sdpa')}x | "
-            f"{_cell(row, 'layer_spot_seq_speedup_vs_twilight')}x |"
-        )
-    return lines
+        ["dense SDPA", "ours dense", "spot both", "twilight both", "spot vs SDPA", "spot vs twilight"],
+        lambda row: [
+            _cell(row, "layer_dense_sdpa_seq_ms", "{:.3f}"), _cell(row, "layer_dense_ours_seq_ms", "{:.3f}"),
+            _cell(row, "layer_spot_step_seq_ms", "{:.3f}"), _cell(row, "layer_twilight_step_seq_ms", "{:.3f}"),
+            f"{_cell(row, 'layer_spot_seq_speedup_vs_sdpa')}x", f"{_cell(row, 'layer_spot_seq_speedup_vs_twilight')}x",
+        ],
+    )
 
 
 def _baseline_table(report: dict) -> list[str]:
@@ -579,76 +575,58 @@ def _baseline_table(report: dict) -> list[str]:
     def budget(d: dict | None) -> str:
         return f"{d['rule']}:{d['tokens']}" if d else "-"
 
-    lines = [
-        "",
+    return _table(
+        report,
         "Training-free baselines, one layer (same shapes, each part replayed from a CUDA graph; selection "
         "includes the metadata write for the new token), ms. "
         f"Twilight: Quest candidates `{budget(tw.get('candidates'))}`, {tw.get('quant_bits')}-bit estimate, "
         f"top-p {tw.get('p')}, {tw.get('block_size')}-token pages; Quest: `{budget(qu.get('budget'))}`. "
         "Random keys make attention flat, so Twilight's top-p keeps most of its candidates (tokens read: "
         "kept / candidates); on peaked, real attention it keeps fewer, and its attention costs less.",
-        "",
-        "| B | context | twilight selection | twilight attention | twilight both | tokens read (kept / candidates) | "
-        "twilight vs SDPA | spot both | spot vs twilight | quest selection | quest tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in report["rows"]:
-        if "skipped" in row:
-            continue
-        lines.append(
-            f"| {row['batch']} | {row['context']} | {_cell(row, 'layer_twilight_select_ms', '{:.3f}')} | "
-            f"{_cell(row, 'layer_twilight_attn_ms', '{:.3f}')} | {_cell(row, 'layer_twilight_step_ms', '{:.3f}')} | "
+        ["twilight selection", "twilight attention", "twilight both", "tokens read (kept / candidates)",
+         "twilight vs SDPA", "spot both", "spot vs twilight", "quest selection", "quest tokens"],
+        lambda row: [
+            _cell(row, "layer_twilight_select_ms", "{:.3f}"), _cell(row, "layer_twilight_attn_ms", "{:.3f}"),
+            _cell(row, "layer_twilight_step_ms", "{:.3f}"),
             f"{_cell(row, 'layer_twilight_tokens_read', '{:.0f}')} / "
-            f"{_cell(row, 'layer_twilight_candidate_tokens', '{:.0f}')} | "
-            f"{_cell(row, 'layer_twilight_speedup_vs_sdpa')}x | {_cell(row, 'layer_spot_step_ms', '{:.3f}')} | "
-            f"{_cell(row, 'layer_spot_speedup_vs_twilight')}x | {_cell(row, 'layer_quest_select_ms', '{:.3f}')} | "
-            f"{_cell(row, 'layer_quest_tokens_read', '{:.0f}')} |"
-        )
-    return lines
+            f"{_cell(row, 'layer_twilight_candidate_tokens', '{:.0f}')}",
+            f"{_cell(row, 'layer_twilight_speedup_vs_sdpa')}x", _cell(row, "layer_spot_step_ms", "{:.3f}"),
+            f"{_cell(row, 'layer_spot_speedup_vs_twilight')}x", _cell(row, "layer_quest_select_ms", "{:.3f}"),
+            _cell(row, "layer_quest_tokens_read", "{:.0f}"),
+        ],
+    )
 
 
 def _compiled_table(report: dict) -> list[str]:
-    lines = [
-        "",
+    return _table(
+        report,
         "Whole-model step compiled with torch.compile (inductor) before capture, ms (graph replay); compile s "
         "is the first compiled call (tracing, inductor, one run); max |diff| against the plain eager step:",
-        "",
-        "| B | context | dense | dense compiled | spot | spot compiled | spot vs dense (compiled) | "
-        "twilight compiled | compile s (dense / spot) | max diff (dense / spot) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in report["rows"]:
-        if "skipped" in row:
-            continue
-        lines.append(
-            f"| {row['batch']} | {row['context']} | {_cell(row, 'dense_ms')} | {_cell(row, 'dense_compiled_ms')} | "
-            f"{_cell(row, 'spot_ms')} | {_cell(row, 'spot_compiled_ms')} | "
-            f"{_cell(row, 'spot_compiled_speedup_vs_dense_compiled')}x | {_cell(row, 'twilight_compiled_ms')} | "
-            f"{_cell(row, 'dense_compile_s', '{:.0f}')} / {_cell(row, 'spot_compile_s', '{:.0f}')} | "
+        ["dense", "dense compiled", "spot", "spot compiled", "spot vs dense (compiled)", "twilight compiled",
+         "compile s (dense / spot)", "max diff (dense / spot)"],
+        lambda row: [
+            _cell(row, "dense_ms"), _cell(row, "dense_compiled_ms"), _cell(row, "spot_ms"),
+            _cell(row, "spot_compiled_ms"), f"{_cell(row, 'spot_compiled_speedup_vs_dense_compiled')}x",
+            _cell(row, "twilight_compiled_ms"),
+            f"{_cell(row, 'dense_compile_s', '{:.0f}')} / {_cell(row, 'spot_compile_s', '{:.0f}')}",
             f"{_cell(row, 'dense_compiled_vs_eager_max_abs', '{:.3g}')} / "
-            f"{_cell(row, 'spot_compiled_vs_eager_max_abs', '{:.3g}')} |"
-        )
-    return lines
+            f"{_cell(row, 'spot_compiled_vs_eager_max_abs', '{:.3g}')}",
+        ],
+    )
 
 
 def _overlap_table(report: dict) -> list[str]:
-    lines = [
-        "",
+    return _table(
+        report,
         "spot's selection on a side stream beside each layer's q/k/v projections (`--overlap`) against the same "
         "selection in the attention call; whole model, ms (graph replay):",
-        "",
-        "| B | context | spot | spot overlapped | gain | spot compiled | spot overlapped compiled | gain (compiled) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in report["rows"]:
-        if "skipped" in row:
-            continue
-        lines.append(
-            f"| {row['batch']} | {row['context']} | {_cell(row, 'spot_ms')} | {_cell(row, 'spot_overlap_ms')} | "
-            f"{_cell(row, 'spot_overlap_speedup')}x | {_cell(row, 'spot_compiled_ms')} | "
-            f"{_cell(row, 'spot_overlap_compiled_ms')} | {_cell(row, 'spot_compiled_overlap_speedup')}x |"
-        )
-    return lines
+        ["spot", "spot overlapped", "gain", "spot compiled", "spot overlapped compiled", "gain (compiled)"],
+        lambda row: [
+            _cell(row, "spot_ms"), _cell(row, "spot_overlap_ms"), f"{_cell(row, 'spot_overlap_speedup')}x",
+            _cell(row, "spot_compiled_ms"), _cell(row, "spot_overlap_compiled_ms"),
+            f"{_cell(row, 'spot_compiled_overlap_speedup')}x",
+        ],
+    )
 
 
 def _ints(text: str) -> list[int]:
