@@ -59,6 +59,22 @@ def test_generate_cli_on_the_real_model(smollm2):
     assert "Paris" in result.output and "density prefill" in result.output
 
 
+def test_generate_cli_static_engine_with_the_shipped_selector(smollm2):
+    from click.testing import CliRunner
+
+    from spotattn.cli import main
+
+    args = ["generate", "--method", "spot", "--max-new-tokens", "8", "--device", "cpu", "--prompt",
+            "What is the capital of France?"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.output and "eager engine" in result.output and "tokens/s" in result.output
+    hf = CliRunner().invoke(main, [*args, "--engine", "hf"])
+    assert hf.exit_code == 0, hf.output
+    assert "hf engine" in hf.output
+    assert hf.stdout.strip() and hf.stdout == result.stdout  # the same greedy text from both engines
+
+
 def test_cli_rejects_bad_method_options():
     from click.testing import CliRunner
 
@@ -71,3 +87,7 @@ def test_cli_rejects_bad_method_options():
     assert result.exit_code != 0 and "expected topk:TOKENS" in result.output
     result = runner.invoke(main, ["generate", "--method", "warp", "--prompt", "x"])
     assert result.exit_code != 0 and "unknown method 'warp'" in result.output
+    result = runner.invoke(main, ["generate", "--method", "oracle", "--engine", "static", "--prompt", "x"])
+    assert result.exit_code != 0 and "method 'oracle' has no static decode path" in result.output
+    result = runner.invoke(main, ["generate", "--method", "oracle", "--compile", "--prompt", "x"])
+    assert result.exit_code != 0 and "--compile needs the static engine" in result.output

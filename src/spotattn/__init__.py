@@ -30,6 +30,7 @@ __all__ = [
     "TopP",
     "available_methods",
     "density",
+    "generate",
     "load_model",
     "make_config",
     "register_method",
@@ -45,3 +46,11 @@ def load_model(*args, **kwargs):
     from .models import load_model as _load
 
     return _load(*args, **kwargs)
+
+
+def generate(*args, **kwargs):
+    """See :func:`spotattn.runtime.generate`: generation on the static decode path, one CUDA-graph replay
+    per token (imported lazily, with the decode runtime)."""
+    from .runtime import generate as _generate
+
+    return _generate(*args, **kwargs)

@@ -94,17 +94,30 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the chat template.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--engine", type=click.Choice(["auto", "static", "hf"]), default="auto", show_default=True,
+              help="static: spotattn.generate (static cache, one CUDA-graph replay per token on a GPU); hf: "
+              "Hugging Face generate() on the ordinary path; auto: static where the method has a static "
+              "decode path, else hf.")
+@click.option("--compile/--no-compile", "compile_step", default=False, show_default=True,
+              help="static engine: compile the decode step with torch.compile first.")
 def generate(model_name, method, budget, block_size, pairs, prompt, prompt_file, max_new_tokens, sample,
-             temperature, seed, chat, device) -> None:
+             temperature, seed, chat, device, engine, compile_step) -> None:
     """Generate a continuation with a sparse-attention method and report the density it read."""
     from . import density, sparsify
     from .models import load_model
+    from .runtime.decode_path import static_decoder_names
 
     if (prompt is None) == (prompt_file is None):
         raise click.UsageError("give exactly one of --prompt or --prompt-file")
     if max_new_tokens <= 0:
         raise click.BadParameter("must be positive", param_hint="--max-new-tokens")
     config = build_config(method, budget, block_size, pairs)
+    static = config.method in static_decoder_names()
+    if engine == "static" and not static:
+        raise click.BadParameter(f"method {config.method!r} has no static decode path (methods with one: "
+                                 f"{', '.join(static_decoder_names())}); use --engine hf", param_hint="--engine")
+    if compile_step and not (static and engine != "hf"):
+        raise click.BadParameter("--compile needs the static engine", param_hint="--compile")
     text = prompt if prompt is not None else prompt_file.read_text(encoding="utf-8")
     model, tokenizer = load_model(model_name, device=device)
     if tokenizer is None:
@@ -113,15 +126,25 @@ def generate(model_name, method, budget, block_size, pairs, prompt, prompt_file,
     sparsify(model, config)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                             do_sample=sample, temperature=temperature if sample else None, top_p=None, top_k=None)
-    elapsed = time.perf_counter() - start
-    click.echo(tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True))
+    if static and engine != "hf":
+        from .runtime import generate as static_generate
+
+        gen = torch.Generator(device=model.device).manual_seed(seed)
+        out = static_generate(model, input_ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                              do_sample=sample, temperature=temperature, generator=gen, compile=compile_step)
+        tokens = out.sequences[0, input_ids.shape[1]:]
+        timing = (f"{out.engine} engine: prefill {out.prefill_seconds:.2f} s, set-up {out.setup_seconds:.2f} s, "
+                  f"decode {out.new_tokens} tokens at {out.tokens_per_second:.1f} tokens/s")
+    else:
+        with torch.no_grad():
+            hf = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                                do_sample=sample, temperature=temperature if sample else None, top_p=None, top_k=None)
+        tokens = hf[0, input_ids.shape[1]:]
+        timing = f"hf engine: {time.perf_counter() - start:.2f} s for {len(tokens)} tokens"
+    click.echo(tokenizer.decode(tokens, skip_special_tokens=True))
     report = density(model)
-    click.echo(f"\n[{config.method}] {input_ids.shape[1]} prompt tokens, {elapsed:.2f} s, "
-               f"density prefill {density(model, 'prefill').mean:.1%}, decode {density(model, 'decode').mean:.1%}",
-               err=True)
+    click.echo(f"\n[{config.method}] {input_ids.shape[1]} prompt tokens, {timing}, density prefill "
+               f"{density(model, 'prefill').mean:.1%}, decode {density(model, 'decode').mean:.1%}", err=True)
     click.echo(report.compact(), err=True)
 
 

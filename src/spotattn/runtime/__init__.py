@@ -8,8 +8,17 @@ replayed for every following token (``GraphDecoder``).
 """
 
 from . import quest_twilight  # noqa: F401 (registers the quest and twilight static decoders)
+from .generate import Generation, generate
 from .graph_decode import GraphDecoder, prefill_to_static
 from .select import select_decode_static
 from .static_cache import StaticSparseCache, StaticSparseLayer
 
-__all__ = ["GraphDecoder", "StaticSparseCache", "StaticSparseLayer", "prefill_to_static", "select_decode_static"]
+__all__ = [
+    "Generation",
+    "GraphDecoder",
+    "StaticSparseCache",
+    "StaticSparseLayer",
+    "generate",
+    "prefill_to_static",
+    "select_decode_static",
+]

@@ -76,6 +76,11 @@ def register_static_decoder(name: str, *, early: bool = False) -> Callable[[Stat
     return wrap
 
 
+def static_decoder_names() -> list[str]:
+    """The methods with a static decoder, sorted."""
+    return sorted(_DECODERS)
+
+
 def static_decode(
     cache: StaticSparseCache, state, q: torch.Tensor, scale: float, seq_start: torch.Tensor | None
 ) -> torch.Tensor:
@@ -85,7 +90,7 @@ def static_decode(
     if decoder is None:
         raise NotImplementedError(
             f"method {name!r} has no static (CUDA-graph) decode path yet; static decoders exist for "
-            f"{sorted(_DECODERS)}. Decode with a spotattn.SparseCache instead"
+            f"{static_decoder_names()}. Decode with a spotattn.SparseCache instead"
         )
     b, _, t, _ = q.shape
     seq_len = cache.length(state.layer_idx)

@@ -129,6 +129,10 @@ class GraphDecoder:
         with torch.compiler.set_stance("fail_on_recompile"):
             return self._compiled(self)
 
+    def prepare(self) -> None:
+        """Compile the step now (``compile=True``; a no-op otherwise), so that the first step is not slower."""
+        self._compile()
+
     @torch.no_grad()
     def _compile(self) -> None:
         """One plain eager step (lazy buffers, selection layouts), then the first compiled call; both
