@@ -118,3 +118,29 @@ def test_graph_generation_equals_eager(tmp_path, compile):
     # bf16: the compiled step fuses differently, so compare the tokens where both agree on a clear argmax
     same = (graph.sequences == eager.sequences).float().mean()
     assert same == 1.0 if not compile else same > 0.95
+
+
+def test_bench_generate_rows_on_cpu(tmp_path):
+    from spotattn.bench.generate import bench_generate, markdown
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 150))
+    configs = {"dense": "dense", "spot": SpotConfig(checkpoint=random_selector(model, tmp_path), budget=TopK(48))}
+    rows = bench_generate(model, ids, configs, 5, log=lambda _: None)
+    assert [r["method"] for r in rows] == ["dense", "spot"]
+    assert all(r["new_tokens"] == 5 and r["engine"] == "eager" and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["decode_density"] == 1.0 and rows[1]["decode_density"] < 0.6  # 3-4 of 10 blocks
+    assert rows[0]["decode_speedup_vs_dense"] == 1.0
+    assert spotattn.sparsified_config(model) is None  # each method is removed after its row
+    assert "| spot | 2 | 150 | 5 | eager |" in markdown(rows, "header")
+
+
+def test_bench_generate_cli_checks_its_options():
+    from click.testing import CliRunner
+
+    from spotattn.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "generate", "--methods", "dense,prism"])
+    assert result.exit_code != 0 and "allowed: dense, spot, twilight, quest" in result.output
+    result = CliRunner().invoke(main, ["bench", "generate", "--new-tokens", "0"])
+    assert result.exit_code != 0 and "must be positive, got 0" in result.output
