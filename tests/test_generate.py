@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from test_graph_decode import random_selector, tiny_llama
@@ -97,6 +99,8 @@ def test_generate_refuses_bad_input():
         ({"max_new_tokens": 4, "do_sample": True, "temperature": 0.0}, "temperature must be > 0"),
         ({"max_new_tokens": 4, "do_sample": True, "top_p": 1.5}, r"top_p must be None or in \(0, 1\]"),
         ({"max_new_tokens": 4, "attention_mask": torch.ones(1, 19)}, "attention_mask must be shaped like"),
+        ({"max_new_tokens": 4, "do_sample": True, "generator": SimpleNamespace(device=torch.device("cuda"))},
+         "generator must be None or a torch.Generator on cpu"),
         ({"max_new_tokens": 4, "attention_mask": torch.cat([torch.ones(1, 19), torch.zeros(1, 1)], 1)},
          "left padding only"),
     ]:

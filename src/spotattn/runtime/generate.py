@@ -120,6 +120,9 @@ def generate(
         _check("temperature", temperature > 0, "> 0 when sampling", temperature)
         _check("top_k", top_k is None or top_k > 0, "None or a positive int", top_k)
         _check("top_p", top_p is None or 0 < top_p <= 1, "None or in (0, 1]", top_p)
+        _check("generator", generator is None or generator.device.type == input_ids.device.type,
+               f"None or a torch.Generator on {input_ids.device.type} (where the tokens are drawn)",
+               None if generator is None else generator.device)
     on_cuda = input_ids.is_cuda
     graph = on_cuda if graph is None else graph
     _check("graph", not graph or on_cuda, "False on a CPU (CUDA graphs need a CUDA device)", graph)
