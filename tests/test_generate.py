@@ -51,7 +51,10 @@ def test_eos_stops_and_pads():
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(5))
     free = spotattn.generate(model, ids, max_new_tokens=8).sequences[:, 40:]
     eos = int(free[0, 2])  # row 0 produces it at step 2 (and row 1 maybe somewhere, maybe never)
-    out = spotattn.generate(model, ids, max_new_tokens=8, eos_token_id=[eos], pad_token_id=127)
+    streamed = []
+    out = spotattn.generate(model, ids, max_new_tokens=8, eos_token_id=[eos], pad_token_id=127,
+                            on_token=streamed.append)
+    assert torch.equal(torch.stack(streamed, 1), out.sequences[:, 40:])  # each column, as it was chosen
     new = out.sequences[:, 40:]
     for row in range(2):
         hits = (free[row] == eos).nonzero()
