@@ -150,3 +150,17 @@ def test_bench_generate_cli_checks_its_options():
     assert result.exit_code != 0 and "allowed: dense, spot, twilight, quest" in result.output
     result = CliRunner().invoke(main, ["bench", "generate", "--new-tokens", "0"])
     assert result.exit_code != 0 and "must be positive, got 0" in result.output
+
+
+def test_text_stream_prints_whole_words_then_the_rest(capsys):
+    from spotattn.cli import TextStream
+
+    pieces = ["Hel", "lo", " wor", "ld", "\n", "Bye"]
+    stream = TextStream(SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(pieces[i] for i in ids)))
+    printed = []
+    for i in range(len(pieces)):
+        stream(torch.tensor([i]))
+        printed.append(capsys.readouterr().out)
+    assert printed == ["", "", "Hello ", "", "world\n", ""]  # a word waits until it can no longer change
+    stream.finish()
+    assert capsys.readouterr().out == "Bye\n"

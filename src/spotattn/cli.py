@@ -101,8 +101,10 @@ def main() -> None:
               "decode path, else hf.")
 @click.option("--compile/--no-compile", "compile_step", default=False, show_default=True,
               help="static engine: compile the decode step with torch.compile first.")
+@click.option("--stream/--no-stream", default=True, show_default=True,
+              help="static engine: print the text as the tokens arrive (tokens/s then include the printing).")
 def generate(model_name, method, budget, block_size, pairs, prompt, prompt_file, max_new_tokens, sample,
-             temperature, seed, chat, device, engine, compile_step) -> None:
+             temperature, seed, chat, device, engine, compile_step, stream) -> None:
     """Generate a continuation with a sparse-attention method and report the density it read."""
     from . import density, sparsify
     from .models import load_model
@@ -131,22 +133,53 @@ def generate(model_name, method, budget, block_size, pairs, prompt, prompt_file,
         from .runtime import generate as static_generate
 
         gen = torch.Generator(device=model.device).manual_seed(seed)
+        printer = TextStream(tokenizer) if stream else None
         out = static_generate(model, input_ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                              do_sample=sample, temperature=temperature, generator=gen, compile=compile_step)
+                              do_sample=sample, temperature=temperature, generator=gen, compile=compile_step,
+                              on_token=printer)
         tokens = out.sequences[0, input_ids.shape[1]:]
         timing = (f"{out.engine} engine: prefill {out.prefill_seconds:.2f} s, set-up {out.setup_seconds:.2f} s, "
                   f"decode {out.new_tokens} tokens at {out.tokens_per_second:.1f} tokens/s")
     else:
+        printer = None
         with torch.no_grad():
             hf = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                                 do_sample=sample, temperature=temperature if sample else None, top_p=None, top_k=None)
         tokens = hf[0, input_ids.shape[1]:]
         timing = f"hf engine: {time.perf_counter() - start:.2f} s for {len(tokens)} tokens"
-    click.echo(tokenizer.decode(tokens, skip_special_tokens=True))
+    if printer is not None:
+        printer.finish()
+    else:
+        click.echo(tokenizer.decode(tokens, skip_special_tokens=True))
     report = density(model)
     click.echo(f"\n[{config.method}] {input_ids.shape[1]} prompt tokens, {timing}, density prefill "
                f"{density(model, 'prefill').mean:.1%}, decode {density(model, 'decode').mean:.1%}", err=True)
     click.echo(report.compact(), err=True)
+
+
+class TextStream:
+    """Prints one sequence's text as its tokens arrive (an ``on_token`` callback of ``spotattn.generate``).
+
+    Each call decodes the whole continuation and prints what is new up to its last whitespace: a word's
+    text can still change with its next token (merged pieces, an incomplete UTF-8 character), so the rest
+    waits for a later call or :meth:`finish`.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def __call__(self, token: torch.Tensor) -> None:
+        self.ids.append(int(token[0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = max(text.rfind(" "), text.rfind("\n")) + 1
+        if cut > self.shown:
+            click.echo(text[self.shown : cut], nl=False)
+            self.shown = cut
+
+    def finish(self) -> None:
+        click.echo(self.tokenizer.decode(self.ids, skip_special_tokens=True)[self.shown :])
 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> torch.Tensor:
