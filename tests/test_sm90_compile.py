@@ -119,3 +119,24 @@ def test_score_kernel_compiles_for_sm90(fmt: str, half: bool, ptx: bool, tmp_pat
         assert "HMUL2" in sass  # int4 scales (fp16) are applied to two fp16 values per instruction
     if ptx:
         assert "HADD2" in sass and "PRMT" in sass  # the inline PTX: byte permute, f16x2 subtract
+
+
+@pytest.mark.parametrize("trace", [False, True])
+def test_select_stage_stamps_compile_only_when_asked(trace: bool, tmp_path: Path) -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from spotattn.kernels._triton import select
+
+    _, t, ea, eb, s = select._tiles(8200, None)
+    signature = dict(X="*fp32", sxb="i32", sxg="i32", Rows="*i64", s_rows="i32", Start="*i64", Ids="*i32",
+                     sib="i32", sig="i32", Counts="*i32", scb="i32", Scr="*i32", Flags="*i8", G="i32", NB="i32",
+                     W="i32", num_queries="i32", p_keep="fp32", k_blocks="i32", floor_blocks="i32")
+    constexprs = dict(RULE=2, HAS_CAP=True, LOGITS=True, FROM_LEN=True, HAS_START=False, BS=16, N_SINK=8,
+                      N_RECENT=16, T=t, EA=ea, EB=eb, S=s, WBLOCK=512)
+    signature |= dict.fromkeys(constexprs, "constexpr") | {"Trace": "*i64", "TRACE": "constexpr"}
+    source = ASTSource(fn=select._select_row_kernel, signature=signature, constexprs=constexprs | {"TRACE": trace})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": t // 32})
+    clocks = sum("SR_CLOCKLO" in line for line in _sass(kernel, tmp_path).splitlines())
+    assert clocks == (len(select.STAGES) + 1 if trace else 0)  # a stamp at the start and after every stage

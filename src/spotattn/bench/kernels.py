@@ -383,6 +383,7 @@ def bench_select(
     spreads: Sequence[float] = (1.0, 4.0),
     warps: Sequence[int | None] = (None,),
     log: Callable[[str], None] = print,
+    stages: bool = False,
 ) -> list[dict]:
     """Time the fused decode selection (``select_decode_fused``) alone, replayed from a CUDA graph (median).
 
@@ -390,9 +391,10 @@ def bench_select(
     selector). The row is the static-cache decode case: ``NB`` blocks of 16 tokens over the buffer, the live
     length ``16 * NB - 100`` tokens, the output width as the decode path sets it. Every configuration is
     first checked against ``select_blocks`` (PyTorch) on the same input. ``warps``: launch widths to compare
-    (None: the kernel's own choice).
+    (None: the kernel's own choice). ``stages``: also each stage's SM cycles (``stage_cycles``, median of 50
+    launches of the stamped kernel, row 0) in ``stage_cycles``.
     """
-    from ..kernels._triton.select import _tiles, select_decode_fused
+    from ..kernels._triton.select import STAGES, _tiles, select_decode_fused
     from ..runtime.select import _cap_blocks, _forced_counts
     from ..selection import rows_for_decode, select_blocks
 
@@ -432,6 +434,14 @@ def bench_select(
                             kept_blocks=float(ref.counts.float().mean()),
                             matches_select_blocks=same,
                         )
+                        if stages:
+                            clock = torch.zeros(batch, 16, dtype=torch.int64, device=dev)
+                            runs = []
+                            for _ in range(50):
+                                run(stage_cycles=clock)
+                                runs.append(clock[0, : len(STAGES) + 1].diff().tolist())
+                            medians = torch.tensor(runs).median(0).values.tolist()
+                            row["stage_cycles"] = dict(zip(STAGES, medians, strict=True))
                         rows.append(row)
                         log(json.dumps(row))
     return rows
@@ -519,6 +529,21 @@ def select_markdown(rows: list[dict], score_rows: list[dict]) -> str:
             f"| {r['blocks']} | {r['batch']} | {r['budget']} | {r['spread']} | {r['num_warps']} | "
             f"{r['select_us']:.1f} | {r['kept_blocks']:.0f} | {r['matches_select_blocks']} |"
         )
+    staged = [r for r in rows if "stage_cycles" in r]
+    if staged:
+        names = list(staged[0]["stage_cycles"])
+        lines += [
+            "",
+            "Where the selection's time goes: SM clock cycles per stage (`stage_cycles`, median of 50 launches, "
+            "row 0):",
+            "",
+            "| blocks | B | budget | spread | warps | " + " | ".join(names) + " | total |",
+            "|---|---|---|---|---|" + "---|" * (len(names) + 1),
+        ]
+        for r in staged:
+            cycles = [r["stage_cycles"][n] for n in names]
+            lines.append(f"| {r['blocks']} | {r['batch']} | {r['budget']} | {r['spread']} | {r['num_warps']} | "
+                         + " | ".join(f"{c:.0f}" for c in cycles) + f" | {sum(cycles):.0f} |")
     lines += [
         "",
         "Selector scoring (`score_blocks_triton`, 4 heads x 128, 16 keys per block), median us of CUDA-graph",
@@ -552,7 +577,8 @@ def select_markdown(rows: list[dict], score_rows: list[dict]) -> str:
               "default")
 @click.option("--key-format", default="int4", show_default=True, help="selector key format for the scoring kernel")
 @click.option("--score-only", is_flag=True, help="time only the scoring kernel (skip the selection kernel)")
-def select_command(blocks, batches, budgets, spreads, warps, score_tiles, key_format, score_only) -> None:
+@click.option("--stages", is_flag=True, help="also the selection kernel's SM cycles per stage (a stamped build)")
+def select_command(blocks, batches, budgets, spreads, warps, score_tiles, key_format, score_only, stages) -> None:
     """Time the fused decode-row selection kernel and the selector scoring kernel alone, from CUDA graphs."""
     from ..spot.triton_score import ScoreTiling
 
@@ -574,6 +600,7 @@ def select_command(blocks, batches, budgets, spreads, warps, score_tiles, key_fo
             tuple(float(x) for x in spreads.split(",")),
             tuple(None if x.strip() == "auto" else int(x) for x in warps.split(",")),
             log=log,
+            stages=stages,
         )
     score_rows = bench_score(_ints(blocks), _ints(batches), tiles, key_format, log=log)
     click.echo(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n")

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ...types import Budget, DualTopP, Selection, TopK, TopP
-from .common import next_pow2
+from .common import interpreting, next_pow2
 
 MAX_FUSED_BLOCKS = 32768  # the row lives in registers; longer rows use the sorting path
 _INF_BITS = tl.constexpr(0x7F800000)  # bit pattern of +inf: above every probability
@@ -243,6 +243,19 @@ def _nth_tied(kA, kB, v, need, Flags, HAS_B: tl.constexpr, T: tl.constexpr, EA: 
     return ju
 
 
+# Where the kernel's time goes (``stage_cycles``): SM clock stamps after each stage, in this order.
+STAGES = ("row bounds", "load, max, exp", "softmax sum", "keys + row stats", "nucleus search", "count search",
+          "keep flags + ascending scan", "id stores")
+
+
+@triton.jit
+def _stamp(Trace, i: tl.constexpr, pid, TRACE: tl.constexpr):
+    """With TRACE, the SM's clock into ``Trace[pid, i]`` (after the stage that ends here); else nothing."""
+    if TRACE:
+        t = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [pid], dtype=tl.int64, is_pure=False, pack=1)
+        tl.store(Trace + pid * 16 + i, t)
+
+
 @triton.jit
 def _select_row_kernel(
     X,
@@ -278,11 +291,14 @@ def _select_row_kernel(
     EB: tl.constexpr,  # rows of tile B: blocks [EA * T, (EA + EB) * T); 0 when A covers the row
     S: tl.constexpr,  # band size ranked pairwise
     WBLOCK: tl.constexpr,
+    Trace,
+    TRACE: tl.constexpr,  # write SM clock stamps after each stage (STAGES) to Trace
 ):
     HAS_B: tl.constexpr = EB > 0
     pid = tl.program_id(0)
     b = pid // G
     g = pid % G
+    _stamp(Trace, 0, pid, TRACE)
     Scr += pid.to(tl.int64) * (2 * S)
     Flags += pid.to(tl.int64) * ((EA + EB) * T)
 
@@ -305,6 +321,7 @@ def _select_row_kernel(
     r1 = tl.minimum(tl.minimum(first_q, last - N_RECENT + 1) - 1, last_c)
     n_res = tl.maximum(r1 - r0 + 1, 0)
     n_forced = tl.maximum(last_c - sink0 + 1, 0) - n_res
+    _stamp(Trace, 1, pid, TRACE)
 
     xrow = X + b.to(tl.int64) * sxb + g * sxg
     jA = _tile(EA, T, 0)
@@ -330,10 +347,12 @@ def _select_row_kernel(
     else:
         eA = tl.where(okA, tl.maximum(xA, 0.0), 0.0)
         eB = tl.where(okB, tl.maximum(xB, 0.0), 0.0)
+    _stamp(Trace, 2, pid, TRACE)
     total = tl.sum(eA, 0)
     if HAS_B:
         total += tl.sum(eB, 0)
     total = tl.maximum(tl.sum(total, 0), _TINY)
+    _stamp(Trace, 3, pid, TRACE)
     pA = eA / total
     # Residual probabilities as integer keys (non-negative floats order like their bit patterns); -1
     # marks blocks outside the residual set, below every threshold. -0.0 and +0.0 both become 0.
@@ -355,6 +374,7 @@ def _select_row_kernel(
         a_forced = a_res
     else:
         k_max, k_min, a_res, a_forced = tl.reduce(st, 0, _key_stats)
+    _stamp(Trace, 4, pid, TRACE)
 
     # Bracket of the thresholds: (lo, hi] with counts and masses of the keys above each end.
     lo = k_min - 1
@@ -398,6 +418,7 @@ def _select_row_kernel(
         if RULE == 2:
             take = _floor_cap(take, floor_blocks, k_blocks, n_forced, HAS_CAP)
     take = tl.minimum(tl.maximum(take, 0), n_res)
+    _stamp(Trace, 5, pid, TRACE)
 
     # The `take` largest residual keys, ties to the lowest blocks: (u, ju) is the last one taken.
     if done == 0:
@@ -427,18 +448,21 @@ def _select_row_kernel(
 
     # Prefix-sum compaction: ascending ids, the lowest W when a row keeps more than W.
     count = tl.minimum(n_forced + take, W)
+    _stamp(Trace, 6, pid, TRACE)
     base = Ids + b.to(tl.int64) * sib + g * sig
     keepA = ((okA & ~resA) | (kA > u) | ((kA == u) & (jA <= ju))).to(tl.int32)
     keepB = keepA
     if HAS_B:
         keepB = ((okB & ~resB) | (kB > u) | ((kB == u) & (jB <= ju))).to(tl.int32)
     rA, gA, posA, rB, gB, posB = _ascending(keepA, keepB, Flags, HAS_B, T, EA, EB)
+    _stamp(Trace, 7, pid, TRACE)
     tl.store(base + _flat(posA), _flat(rA), mask=_flat((gA > 0) & (posA < W)))
     if HAS_B:
         tl.store(base + _flat(posB), _flat(rB), mask=_flat((gB > 0) & (posB < W)))
     w = tl.arange(0, WBLOCK)
     tl.store(base + w, tl.full([WBLOCK], -1, tl.int32), mask=(w >= count) & (w < W))
     tl.store(Counts + b * scb + g, count)
+    _stamp(Trace, 8, pid, TRACE)
 
 
 def _budget_args(budget: Budget, block_size: int) -> tuple[int, bool, float, int, int, int, int]:
@@ -495,6 +519,7 @@ def select_decode_fused(
     seq_start: torch.Tensor | None = None,
     first_row: int = 0,
     num_warps: int | None = None,
+    stage_cycles: torch.Tensor | None = None,
 ) -> Selection:
     """One decode row's :class:`Selection` ``(B, G, 1, width)`` from ``scores`` ``(B, G, 1, NB)`` or ``(B, G, NB)``.
 
@@ -503,6 +528,8 @@ def select_decode_fused(
     ones included; a 0-dim, ``(1,)`` or ``(B,)`` device tensor, so the call is CUDA-graph safe) or by the
     ``(1,)`` tensors ``row_first_block``/``row_last_block``. Nothing is read back to the host.
     ``num_warps`` overrides the launch width (benchmarks; results do not depend on it).
+    ``stage_cycles``: an int64 ``(B * G, 16)`` tensor on the GPU that receives, per row, the SM clock after
+    each of :data:`STAGES` (entry 0: the start; a differently compiled kernel, for profiling only).
     """
     if scores.dim() == 4:
         if scores.shape[2] != 1:
@@ -528,6 +555,12 @@ def select_decode_fused(
     ids = torch.empty(b, g, 1, width, dtype=torch.int32, device=dev)
     counts = torch.empty(b, g, 1, dtype=torch.int32, device=dev)
     start = seq_start.reshape(b) if seq_start is not None else rows
+    if stage_cycles is not None:
+        if interpreting() or stage_cycles.device != dev:
+            raise ValueError("stage_cycles needs a GPU run and a tensor on the scores' device (SM clock stamps)")
+        if stage_cycles.dtype != torch.int64 or stage_cycles.shape != (b * g, 16) or not stage_cycles.is_contiguous():
+            raise ValueError(f"stage_cycles must be a contiguous int64 ({b * g}, 16) tensor, got "
+                             f"{stage_cycles.dtype} {tuple(stage_cycles.shape)}")
     warps, t, ea, eb, s = _tiles(nb, num_warps)
     scratch = torch.empty(b * g, 2 * s, dtype=torch.int32, device=dev)  # one band of (key, block) per row
     flags = torch.empty(b * g, (ea + eb) * t, dtype=torch.int8, device=dev)  # ascending prefix sums
@@ -565,6 +598,8 @@ def select_decode_fused(
         EB=eb,
         S=s,
         WBLOCK=max(16, next_pow2(width)),
+        Trace=stage_cycles if stage_cycles is not None else counts,
+        TRACE=stage_cycles is not None,
         num_warps=warps,
     )
     return Selection(ids, counts, block_size, first_row)
