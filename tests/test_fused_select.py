@@ -384,3 +384,15 @@ def test_fused_prep_gpu_qwen3_8b_sizes(fmt: str, groups: int, b: int) -> None:
 
 if __name__ == "__main__":
     print_verdicts(interpreter_cases())
+
+
+def test_select_refuses_bad_search_ways_and_cpu_stage_stamps() -> None:
+    from spotattn.kernels._triton.select import select_decode_fused
+
+    scores = torch.rand(1, 1, 1, 40)
+    args = (scores, TopK(64), 16, 40)
+    with pytest.raises(ValueError, match="search_ways must be 2 or 4, got 3"):
+        select_decode_fused(*args, logits=False, seq_len=torch.tensor(600), search_ways=3)
+    with pytest.raises(ValueError, match="stage_cycles needs a GPU run"):
+        select_decode_fused(*args, logits=False, seq_len=torch.tensor(600),
+                            stage_cycles=torch.zeros(1, 16, dtype=torch.int64))

@@ -13,7 +13,8 @@ rather than 16384) and applies the rules of :func:`spotattn.selection.select_blo
   (non-negative floats order like their bit patterns). A threshold is found in two stages:
   1. bisection on the key bits, starting from the bracket (smallest, largest residual key], one
      block-wide reduction (count, and mass for the nucleus) per step, only until the bracket holds at
-     most ``S`` keys (64 from 8 warps up): typically 5-9 steps instead of 31;
+     most ``S`` keys (64 from 8 warps up): typically 5-9 steps instead of 31 (``search_ways=4``: three
+     pivots per reduction, about half the steps; not yet timed, off by default);
   2. those keys are gathered through a small scratch row and ranked pairwise (``S x S``) in the order
      (probability descending, block ascending), which gives each one's exact rank and the mass ranked
      before it: the nucleus count and the count threshold come out directly. The nucleus band usually
@@ -618,7 +619,7 @@ def select_decode_fused(
     counts = torch.empty(b, g, 1, dtype=torch.int32, device=dev)
     start = seq_start.reshape(b) if seq_start is not None else rows
     if stage_cycles is not None:
-        if interpreting() or stage_cycles.device != dev:
+        if interpreting() or dev.type != "cuda" or stage_cycles.device != dev:
             raise ValueError("stage_cycles needs a GPU run and a tensor on the scores' device (SM clock stamps)")
         if stage_cycles.dtype != torch.int64 or stage_cycles.shape != (b * g, 16) or not stage_cycles.is_contiguous():
             raise ValueError(f"stage_cycles must be a contiguous int64 ({b * g}, 16) tensor, got "
