@@ -115,11 +115,12 @@ def generate(model_name, method, budget, block_size, pairs, prompt, prompt_file,
     if max_new_tokens <= 0:
         raise click.BadParameter("must be positive", param_hint="--max-new-tokens")
     config = build_config(method, budget, block_size, pairs)
-    static = config.method in static_decoder_names()
-    if engine == "static" and not static:
+    has_static = config.method in static_decoder_names()
+    if engine == "static" and not has_static:
         raise click.BadParameter(f"method {config.method!r} has no static decode path (methods with one: "
                                  f"{', '.join(static_decoder_names())}); use --engine hf", param_hint="--engine")
-    if compile_step and not (static and engine != "hf"):
+    use_static = has_static and engine != "hf"
+    if compile_step and not use_static:
         raise click.BadParameter("--compile needs the static engine", param_hint="--compile")
     text = prompt if prompt is not None else prompt_file.read_text(encoding="utf-8")
     model, tokenizer = load_model(model_name, device=device)
@@ -129,7 +130,7 @@ def generate(model_name, method, budget, block_size, pairs, prompt, prompt_file,
     sparsify(model, config)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    if static and engine != "hf":
+    if use_static:
         from .runtime import generate as static_generate
 
         gen = torch.Generator(device=model.device).manual_seed(seed)

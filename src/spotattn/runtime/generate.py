@@ -172,6 +172,6 @@ def generate(
     sync()
     done = time.perf_counter()
     sequences = torch.cat([input_ids, torch.stack(tokens, 1)], 1)
-    engine = {(False, False): "eager", (False, True): "compiled", (True, False): "graph"}.get((graph, compile),
-                                                                                             "compiled graph")
+    engine = {(False, False): "eager", (False, True): "compiled", (True, False): "graph",
+              (True, True): "compiled graph"}[graph, compile]
     return Generation(sequences, prompt, len(tokens), prefilled - start, ready - prefilled, done - ready, engine)
