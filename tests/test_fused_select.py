@@ -71,7 +71,6 @@ def case(
     seed: int = 0,
     device: str = "cpu",
     warps: int | None = None,
-    ways: int = 2,
 ) -> Callable[[], str | None]:
     def run() -> str | None:
         from spotattn.kernels._triton.select import select_decode_fused
@@ -100,7 +99,7 @@ def case(
             else dict(row_first_block=first.to(dev), row_last_block=last.to(dev))
         )
         got = select_decode_fused(scores.to(dev), bud, bs, nb, logits=logits, seq_start=start, num_warps=warps,
-                                  search_ways=ways, **kw)
+                                  **kw)
         return _same(got, ref)
 
     return run
@@ -146,18 +145,6 @@ def interpreter_cases() -> dict[str, Callable[[], str | None]]:
     cases["prep-int4-b1-two-calls"] = _prep_case("int4", 1, b=1, split_k=3, calls=2)
     cases["prep-bf16-b17-two-calls"] = _prep_case("bf16", 2, b=17, hidden_size=64, split_k=2, calls=2)
     cases["static-width"] = _width_case
-    # The four-way search (search_ways=4) must give the same selections as the bisection.
-    for name in BUDGETS:
-        cases[f"{name}-4way"] = case(name, seed=11, ways=4)
-        cases[f"{name}-logits-pad-4way"] = case(name, padded=True, logits=True, seed=12, ways=4)
-    cases["topp-flat-4way"] = case("topp", spread=2.0, seed=13, ways=4)
-    cases["dual-floor-sharp-4way"] = case("dual_floor_binds", spread=40.0, seed=27, ways=4)
-    cases["dual-cap-b4-logits-4way"] = case("dual_cap_binds", b=4, g=1, nb=1000, live=15000, logits=True, seed=14,
-                                            ways=4)
-    cases["ties-dual-cap-4way"] = _tied_levels_case(
-        DualTopP(p=0.8, sink=32, recent=32, min_tokens=64, max_tokens=1024), 3, 22, ways=4
-    )
-    cases["ties-topk-4way"] = _tied_levels_case(TopK(800), 4, 20, ways=4)
     return cases
 
 
@@ -177,7 +164,7 @@ def _ties_case() -> str | None:
     return None
 
 
-def _tied_levels_case(bud: Budget, levels: int, seed: int, ways: int = 2) -> Callable[[], str | None]:
+def _tied_levels_case(bud: Budget, levels: int, seed: int) -> Callable[[], str | None]:
     """Masses on a few levels (many exact ties, padding, batch 2): counts as ``select_blocks``; every forced
     block kept; the residual blocks kept are the largest, ties going to the lowest-numbered blocks."""
 
@@ -190,8 +177,7 @@ def _tied_levels_case(bud: Budget, levels: int, seed: int, ways: int = 2) -> Cal
         mass = (torch.randint(1, levels + 1, (b, 1, 1, nb), generator=gen).float() / levels) ** 3
         seq_start = torch.tensor([0, 300])
         ref = _reference(mass, bud, bs, live, 1, seq_start)
-        got = select_decode_fused(mass, bud, bs, nb, logits=False, seq_len=torch.tensor(live), seq_start=seq_start,
-                                  search_ways=ways)
+        got = select_decode_fused(mass, bud, bs, nb, logits=False, seq_len=torch.tensor(live), seq_start=seq_start)
         if not torch.equal(got.counts, ref.counts):
             return f"counts {got.counts.flatten().tolist()} vs {ref.counts.flatten().tolist()}"
         first, last = rows_for_decode(1, live, bs, "cpu")
@@ -386,13 +372,11 @@ if __name__ == "__main__":
     print_verdicts(interpreter_cases())
 
 
-def test_select_refuses_bad_search_ways_and_cpu_stage_stamps() -> None:
+def test_select_refuses_cpu_stage_stamps() -> None:
     from spotattn.kernels._triton.select import select_decode_fused
 
     scores = torch.rand(1, 1, 1, 40)
     args = (scores, TopK(64), 16, 40)
-    with pytest.raises(ValueError, match="search_ways must be 2 or 4, got 3"):
-        select_decode_fused(*args, logits=False, seq_len=torch.tensor(600), search_ways=3)
     with pytest.raises(ValueError, match="stage_cycles needs a GPU run"):
         select_decode_fused(*args, logits=False, seq_len=torch.tensor(600),
                             stage_cycles=torch.zeros(1, 16, dtype=torch.int64))

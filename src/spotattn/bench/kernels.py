@@ -384,7 +384,6 @@ def bench_select(
     warps: Sequence[int | None] = (None,),
     log: Callable[[str], None] = print,
     stages: bool = False,
-    ways: Sequence[int] = (2,),
 ) -> list[dict]:
     """Time the fused decode selection (``select_decode_fused``) alone, replayed from a CUDA graph (median).
 
@@ -392,8 +391,7 @@ def bench_select(
     selector). The row is the static-cache decode case: ``NB`` blocks of 16 tokens over the buffer, the live
     length ``16 * NB - 100`` tokens, the output width as the decode path sets it. Every configuration is
     first checked against ``select_blocks`` (PyTorch) on the same input. ``warps``: launch widths to compare
-    (None: the kernel's own choice); ``ways``: threshold searches to compare (2 bisection, 4 three pivots
-    per reduction). ``stages``: also each stage's SM cycles (``stage_cycles``, median of 50
+    (None: the kernel's own choice). ``stages``: also each stage's SM cycles (``stage_cycles``, median of 50
     launches of the stamped kernel, row 0) in ``stage_cycles``.
     """
     from ..kernels._triton.select import STAGES, _tiles, select_decode_fused
@@ -419,10 +417,9 @@ def bench_select(
                     k = ref.block_ids.shape[-1]
                     n_sink, n_recent = _forced_counts(budget, bs)
                     width = n_sink + max(n_recent, 2) + _cap_blocks(budget, bs, nb)  # as the decode path
-                    for nw, way in itertools.product(warps, ways):
+                    for nw in warps:
                         run = functools.partial(
-                            select_decode_fused, logits, budget, bs, width, logits=True, seq_len=seq_len, num_warps=nw,
-                            search_ways=way,
+                            select_decode_fused, logits, budget, bs, width, logits=True, seq_len=seq_len, num_warps=nw
                         )
                         got = run()
                         same = torch.equal(got.counts, ref.counts)
@@ -433,7 +430,6 @@ def bench_select(
                             budget=text,
                             spread=spread,
                             num_warps=_tiles(nb, nw)[0],
-                            search_ways=way,
                             select_us=_bench_graph(run) * 1e3,
                             kept_blocks=float(ref.counts.float().mean()),
                             matches_select_blocks=same,
@@ -525,13 +521,13 @@ def select_markdown(rows: list[dict], score_rows: list[dict]) -> str:
     lines = [
         "Fused decode selection (`select_decode_fused`), median us of CUDA-graph replay:",
         "",
-        "| blocks | B | budget | spread | warps | search ways | selection us | kept blocks | = select_blocks |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| blocks | B | budget | spread | warps | selection us | kept blocks | = select_blocks |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['blocks']} | {r['batch']} | {r['budget']} | {r['spread']} | {r['num_warps']} | "
-            f"{r['search_ways']} | {r['select_us']:.1f} | {r['kept_blocks']:.0f} | {r['matches_select_blocks']} |"
+            f"{r['select_us']:.1f} | {r['kept_blocks']:.0f} | {r['matches_select_blocks']} |"
         )
     staged = [r for r in rows if "stage_cycles" in r]
     if staged:
@@ -541,13 +537,12 @@ def select_markdown(rows: list[dict], score_rows: list[dict]) -> str:
             "Where the selection's time goes: SM clock cycles per stage (`stage_cycles`, median of 50 launches, "
             "row 0):",
             "",
-            "| blocks | B | budget | spread | warps | ways | " + " | ".join(names) + " | total |",
-            "|---|---|---|---|---|---|" + "---|" * (len(names) + 1),
+            "| blocks | B | budget | spread | warps | " + " | ".join(names) + " | total |",
+            "|---|---|---|---|---|" + "---|" * (len(names) + 1),
         ]
         for r in staged:
             cycles = [r["stage_cycles"][n] for n in names]
             lines.append(f"| {r['blocks']} | {r['batch']} | {r['budget']} | {r['spread']} | {r['num_warps']} | "
-                         f"{r['search_ways']} | "
                          + " | ".join(f"{c:.0f}" for c in cycles) + f" | {sum(cycles):.0f} |")
     lines += [
         "",
@@ -583,16 +578,10 @@ def select_markdown(rows: list[dict], score_rows: list[dict]) -> str:
 @click.option("--key-format", default="int4", show_default=True, help="selector key format for the scoring kernel")
 @click.option("--score-only", is_flag=True, help="time only the scoring kernel (skip the selection kernel)")
 @click.option("--stages", is_flag=True, help="also the selection kernel's SM cycles per stage (a stamped build)")
-@click.option("--ways", default="2", show_default=True,
-              help="threshold searches to compare: 2 (bisection), 4 (three pivots per reduction), e.g. 2,4")
-def select_command(blocks, batches, budgets, spreads, warps, score_tiles, key_format, score_only, stages,
-                   ways) -> None:
+def select_command(blocks, batches, budgets, spreads, warps, score_tiles, key_format, score_only, stages) -> None:
     """Time the fused decode-row selection kernel and the selector scoring kernel alone, from CUDA graphs."""
     from ..spot.triton_score import ScoreTiling
 
-    search_ways = _ints(ways)
-    if not search_ways or set(search_ways) - {2, 4}:
-        raise click.BadParameter(f"got {ways!r}; allowed: 2, 4 (comma-separated)", param_hint="--ways")
     if not torch.cuda.is_available():
         raise click.ClickException("the selection benchmark needs a CUDA GPU")
     try:
@@ -612,7 +601,6 @@ def select_command(blocks, batches, budgets, spreads, warps, score_tiles, key_fo
             tuple(None if x.strip() == "auto" else int(x) for x in warps.split(",")),
             log=log,
             stages=stages,
-            ways=search_ways,
         )
     score_rows = bench_score(_ints(blocks), _ints(batches), tiles, key_format, log=log)
     click.echo(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n")

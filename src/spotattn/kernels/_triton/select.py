@@ -13,8 +13,8 @@ rather than 16384) and applies the rules of :func:`spotattn.selection.select_blo
   (non-negative floats order like their bit patterns). A threshold is found in two stages:
   1. bisection on the key bits, starting from the bracket (smallest, largest residual key], one
      block-wide reduction (count, and mass for the nucleus) per step, only until the bracket holds at
-     most ``S`` keys (64 from 8 warps up): typically 5-9 steps instead of 31 (``search_ways=4``: three
-     pivots per reduction, about half the steps; not yet timed, off by default);
+     most ``S`` keys (64 from 8 warps up): typically 5-9 steps instead of 31 (three pivots per
+     reduction halve the steps but made each one slower: measured slower overall, see BENCHMARKS.md);
   2. those keys are gathered through a small scratch row and ranked pairwise (``S x S``) in the order
      (probability descending, block ascending), which gives each one's exact rank and the mass ranked
      before it: the nucleus count and the count threshold come out directly. The nucleus band usually
@@ -47,7 +47,6 @@ import triton.language as tl
 from ...types import Budget, DualTopP, Selection, TopK, TopP
 from .common import interpreting, next_pow2
 
-SEARCH_WAYS = 2  # the threshold searches' default: bisection (4: _shrink4)
 MAX_FUSED_BLOCKS = 32768  # the row lives in registers; longer rows use the sorting path
 _INF_BITS = tl.constexpr(0x7F800000)  # bit pattern of +inf: above every probability
 _NO_KEY = tl.constexpr(0x7FFFFFFF)  # the minimum of an empty residual set
@@ -167,54 +166,6 @@ def _above(k, thr, MASS: tl.constexpr):
 
 
 @triton.jit
-def _add6(a0, a1, a2, a3, a4, a5, b0, b1, b2, b3, b4, b5):
-    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5
-
-
-@triton.jit
-def _above3(k, t1, t2, t3, MASS: tl.constexpr):
-    """Per-thread counts (and masses) of the keys above each of three thresholds."""
-    c1, a1 = _above(k, t1, MASS)
-    c2, a2 = _above(k, t2, MASS)
-    c3, a3 = _above(k, t3, MASS)
-    return c1, c2, c3, a1, a2, a3
-
-
-@triton.jit
-def _shrink4(kA, kB, lo, hi, c_lo, c_hi, a_lo, a_hi, goal_c, goal_a,
-             MASS: tl.constexpr, HAS_B: tl.constexpr, S: tl.constexpr):
-    """:func:`_shrink` with three pivots per step (the bracket's quarters): one reduction of six values
-    narrows the bracket four-fold, so a search takes about half the block-wide reductions."""
-    while (hi - lo > 1) & (c_lo - c_hi > S):
-        p2 = lo + (hi - lo) // 2
-        p1 = lo + (p2 - lo) // 2
-        p3 = p2 + (hi - p2) // 2
-        c1, c2, c3, a1, a2, a3 = _above3(kA, p1, p2, p3, MASS)
-        if HAS_B:
-            d1, d2, d3, b1, b2, b3 = _above3(kB, p1, p2, p3, MASS)
-            c1, c2, c3, a1, a2, a3 = c1 + d1, c2 + d2, c3 + d3, a1 + b1, a2 + b2, a3 + b3
-        c1, c2, c3, a1, a2, a3 = tl.reduce((c1, c2, c3, a1, a2, a3), 0, _add6)
-        # The largest pivot still on the low side (count or mass above it reaches the goal) becomes lo,
-        # the next one up becomes hi.
-        if MASS:
-            ok1 = a1 >= goal_a
-            ok2 = a2 >= goal_a
-            ok3 = a3 >= goal_a
-        else:
-            ok1 = c1 >= goal_c
-            ok2 = c2 >= goal_c
-            ok3 = c3 >= goal_c
-        new_lo = tl.where(ok3, p3, tl.where(ok2, p2, tl.where(ok1, p1, lo)))
-        new_c_lo = tl.where(ok3, c3, tl.where(ok2, c2, tl.where(ok1, c1, c_lo)))
-        new_a_lo = tl.where(ok3, a3, tl.where(ok2, a2, tl.where(ok1, a1, a_lo)))
-        hi_c = tl.where(ok3, c_hi, tl.where(ok2, c3, tl.where(ok1, c2, c1)))
-        hi_a = tl.where(ok3, a_hi, tl.where(ok2, a3, tl.where(ok1, a2, a1)))
-        hi = tl.where(ok3, hi, tl.where(ok2, p3, tl.where(ok1, p2, p1)))
-        lo, c_lo, a_lo, c_hi, a_hi = new_lo, new_c_lo, new_a_lo, hi_c, hi_a
-    return lo, hi, c_lo, c_hi, a_lo, a_hi
-
-
-@triton.jit
 def _shrink(kA, kB, lo, hi, c_lo, c_hi, a_lo, a_hi, goal_c, goal_a,
             MASS: tl.constexpr, HAS_B: tl.constexpr, S: tl.constexpr):
     """Bisect the bracket (lo, hi] on the key bits until it holds at most S keys (or one value).
@@ -242,15 +193,6 @@ def _shrink(kA, kB, lo, hi, c_lo, c_hi, a_lo, a_hi, goal_c, goal_a,
         lo = tl.where(up, lo, mid)
         c_lo = tl.where(up, c_lo, c)
     return lo, hi, c_lo, c_hi, a_lo, a_hi
-
-
-@triton.jit
-def _search(kA, kB, lo, hi, c_lo, c_hi, a_lo, a_hi, goal_c, goal_a,
-            MASS: tl.constexpr, HAS_B: tl.constexpr, S: tl.constexpr, WAYS: tl.constexpr):
-    if WAYS == 4:
-        return _shrink4(kA, kB, lo, hi, c_lo, c_hi, a_lo, a_hi, goal_c, goal_a, MASS, HAS_B, S)
-    else:
-        return _shrink(kA, kB, lo, hi, c_lo, c_hi, a_lo, a_hi, goal_c, goal_a, MASS, HAS_B, S)
 
 
 @triton.jit
@@ -349,7 +291,6 @@ def _select_row_kernel(
     EA: tl.constexpr,  # rows of tile A: blocks [0, EA * T)
     EB: tl.constexpr,  # rows of tile B: blocks [EA * T, (EA + EB) * T); 0 when A covers the row
     S: tl.constexpr,  # band size ranked pairwise
-    WAYS: tl.constexpr,  # 2: bisection; 4: three pivots per reduction (_shrink4)
     WBLOCK: tl.constexpr,
     Trace,
     TRACE: tl.constexpr,  # write SM clock stamps after each stage (STAGES) to Trace
@@ -459,8 +400,8 @@ def _select_row_kernel(
         if target <= 1e-7:
             take = n_res * 0
         elif a_res >= t_eps:
-            lo, hi, c_lo, c_hi, a_lo, a_hi = _search(
-                kA, kB, lo, hi, c_lo, c_hi, a_lo, a_hi, 0, t_eps, True, HAS_B, S, WAYS
+            lo, hi, c_lo, c_hi, a_lo, a_hi = _shrink(
+                kA, kB, lo, hi, c_lo, c_hi, a_lo, a_hi, 0, t_eps, True, HAS_B, S
             )
             if c_lo - c_hi <= S:
                 kb, jb, rank, mass_before, ok = _band(kA, jA, kB, jB, lo, hi, c_lo - c_hi, Scr, HAS_B, S)
@@ -496,8 +437,8 @@ def _select_row_kernel(
                     c_lo = c_hi
                     hi = k_max
                     c_hi = c_hi * 0
-            lo, hi, c_lo, c_hi, a_lo, a_hi = _search(
-                kA, kB, lo, hi, c_lo, c_hi, a_lo, a_hi, take, 0.0, False, HAS_B, S, WAYS
+            lo, hi, c_lo, c_hi, a_lo, a_hi = _shrink(
+                kA, kB, lo, hi, c_lo, c_hi, a_lo, a_hi, take, 0.0, False, HAS_B, S
             )
             if c_lo - c_hi <= S:
                 kb, jb, rank, mass_before, ok = _band(kA, jA, kB, jB, lo, hi, c_lo - c_hi, Scr, HAS_B, S)
@@ -580,7 +521,6 @@ def select_decode_fused(
     first_row: int = 0,
     num_warps: int | None = None,
     stage_cycles: torch.Tensor | None = None,
-    search_ways: int = SEARCH_WAYS,
 ) -> Selection:
     """One decode row's :class:`Selection` ``(B, G, 1, width)`` from ``scores`` ``(B, G, 1, NB)`` or ``(B, G, NB)``.
 
@@ -589,8 +529,7 @@ def select_decode_fused(
     ones included; a 0-dim, ``(1,)`` or ``(B,)`` device tensor, so the call is CUDA-graph safe) or by the
     ``(1,)`` tensors ``row_first_block``/``row_last_block``. Nothing is read back to the host.
     ``num_warps`` overrides the launch width (benchmarks; results do not depend on it).
-    ``search_ways``: 2 bisects the threshold brackets, 4 splits them in four per block-wide reduction
-    (same results). ``stage_cycles``: an int64 ``(B * G, 16)`` tensor on the GPU that receives, per row,
+    ``stage_cycles``: an int64 ``(B * G, 16)`` tensor on the GPU that receives, per row,
     the SM clock after each of :data:`STAGES` (entry 0: the start; a differently compiled kernel, for
     profiling only).
     """
@@ -624,8 +563,6 @@ def select_decode_fused(
         if stage_cycles.dtype != torch.int64 or stage_cycles.shape != (b * g, 16) or not stage_cycles.is_contiguous():
             raise ValueError(f"stage_cycles must be a contiguous int64 ({b * g}, 16) tensor, got "
                              f"{stage_cycles.dtype} {tuple(stage_cycles.shape)}")
-    if search_ways not in (2, 4):
-        raise ValueError(f"select_decode_fused: search_ways must be 2 or 4, got {search_ways!r}")
     warps, t, ea, eb, s = _tiles(nb, num_warps)
     scratch = torch.empty(b * g, 2 * s, dtype=torch.int32, device=dev)  # one band of (key, block) per row
     flags = torch.empty(b * g, (ea + eb) * t, dtype=torch.int8, device=dev)  # ascending prefix sums
@@ -662,7 +599,6 @@ def select_decode_fused(
         EA=ea,
         EB=eb,
         S=s,
-        WAYS=search_ways,
         WBLOCK=max(16, next_pow2(width)),
         Trace=stage_cycles if stage_cycles is not None else counts,
         TRACE=stage_cycles is not None,
