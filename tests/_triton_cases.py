@@ -110,9 +110,11 @@ def decode_case(
     width_pad=0,
     empty_rows=(),
     calls=1,
+    tiling: str | None = None,
 ) -> Callable[[], str | None]:
     """``empty_rows``: (batch, group) lists with no block; ``calls`` > 1 repeats the call on fresh queries
-    (odd calls pass the paged lengths as one int64 counter expanded over the batch, as a decode step does)."""
+    (odd calls pass the paged lengths as one int64 counter expanded over the batch, as a decode step does);
+    ``tiling``: launch the split kernel with this ``DecodeTiling`` (text) instead of the default."""
 
     def run() -> str | None:
         from spotattn.kernels import triton_ops
@@ -159,6 +161,14 @@ def decode_case(
                     seq_start=start,
                     kv_layout="NHD",
                     num_splits=splits,
+                )
+            elif tiling is not None:
+                from spotattn.kernels._triton.decode import DecodeTiling, _launch_decode, choose_splits
+
+                tile = DecodeTiling.parse(tiling)
+                n = splits or choose_splits(b * hkv, ids.shape[-1], bs, q.device, tile)
+                out, lse = _launch_decode(
+                    q, k, v, ids.int(), counts.int(), bs, d**-0.5, start, None, None, n, tile
                 )
             else:
                 out, lse = triton_ops.sparse_decode(q, k, v, ids, counts, bs, seq_start=start, num_splits=splits)
@@ -301,6 +311,13 @@ def interpreter_cases() -> dict[str, Callable[[], str | None]]:
     # 45 splits (10 past the count) at head_dim 64.
     cases["decode-45-splits"] = decode_case(
         b=2, hq=4, hkv=1, t=2, lk=2200, d=64, bs=64, full=True, seq_start=(0, 31), splits=64, width_pad=10
+    )
+    # Launch tilings other than the default: one block per tile, and 64-token tiles of four blocks.
+    cases["decode-tiling-16x2-s1-p1"] = decode_case(
+        b=2, hq=4, hkv=2, t=2, lk=301, dtype="bf16", seq_start=(0, 19), width_pad=2, tiling="16x2:s1:p1"
+    )
+    cases["decode-tiling-64x4-s3-p4-shared"] = decode_case(
+        b=2, hq=8, hkv=2, t=1, lk=701, dtype="fp32", shared=True, splits=5, tiling="64x4:s3:p4"
     )
     cases["scores-select-fp32"] = scores_case()
     cases["scores-select-bf16-t2"] = scores_case(hq=6, t=2, lk=300, d=64, dtype="bf16")

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import torch
 
+from .bench.attend import attend_command
 from .bench.decode import decode_command
 from .bench.generate import generate_command
 from .bench.kernels import kernels_command, select_command
@@ -216,6 +217,7 @@ def bench() -> None:
 bench.add_command(kernels_command, name="kernels")
 bench.add_command(decode_command, name="decode")
 bench.add_command(select_command, name="select")
+bench.add_command(attend_command, name="attend")
 bench.add_command(generate_command, name="generate")
 main.add_command(eval_command, name="eval")
 main.add_command(train_command, name="train")
