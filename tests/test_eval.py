@@ -382,3 +382,40 @@ def test_plot_series_split_a_family_by_its_non_budget_options() -> None:
     assert _series(label, "spot") == "spot (key_format=int4, dense_layers=2)"
     assert _series("twilight:p=0.95", "twilight") == "twilight"
     assert _series("dense", "dense") == "dense"
+
+
+def test_engine_errors_name_the_parameter(tmp_path: Path, tiny_model) -> None:
+    model, tok = tiny_model
+    common = dict(tasks="passkey", lengths="256", samples=1, out=tmp_path, progress=False)
+    with pytest.raises(EvalArgumentError, match="'fast' is not an engine; allowed: auto, static, hf") as info:
+        run_eval(model, tok, methods="dense", engine="fast", **common)
+    assert info.value.param == "--engine"
+    with pytest.raises(EvalArgumentError, match="static measures no attention recall.*--no-recall"):
+        run_eval(model, tok, methods="dense", engine="static", **common)
+    with pytest.raises(EvalArgumentError, match=r"\['oracle:topk=64'\] have none .*dense, quest, spot, twilight"):
+        run_eval(model, tok, methods="dense;oracle:topk=64", engine="static", recall=False, **common)
+    assert not (tmp_path / "results.jsonl").exists()  # nothing ran
+    from spotattn.cli import main
+
+    result = CliRunner().invoke(main, ["eval", "--engine", "static", "--model", "does-not-exist"])
+    assert result.exit_code == 2 and "--engine" in result.output and "--no-recall" in result.output
+
+
+def test_static_engine_gives_hf_outputs(tmp_path: Path, tiny_model) -> None:
+    """Generation tasks decode to the same text on both engines; auto picks static only without recall and
+    only for methods with a static decoder; records name their engine."""
+    from test_graph_decode import random_selector
+
+    model, tok = tiny_model
+    spot = f"spot:topk=64,checkpoint={random_selector(model, tmp_path)}"
+    methods = f"dense;quest:topk=64;twilight;{spot};oracle:topk=64,block_size=16"
+    common = dict(methods=methods, tasks="passkey,niah_single", lengths="256", samples=1, progress=False)
+    hf = run_eval(model, tok, out=tmp_path / "hf", engine="hf", recall=False, **common).records
+    auto = run_eval(model, tok, out=tmp_path / "auto", recall=False, **common).records
+    assert len(hf) == len(auto) == 10
+    for a, b in zip(hf, auto, strict=True):
+        assert (a["key"], a["output"], a["score"]) == (b["key"], b["output"], b["score"])
+        assert a["engine"] == "hf" and b["engine"] == ("hf" if b["method_name"] == "oracle" else "static")
+        assert b["density"]["decode"] == pytest.approx(a["density"]["decode"])
+    with_recall = run_eval(model, tok, out=tmp_path / "recall", **common).records
+    assert {r["engine"] for r in with_recall} == {"hf"} and all("recall" in r for r in with_recall)

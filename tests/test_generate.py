@@ -46,6 +46,30 @@ def test_left_padding_gives_the_unpadded_tokens(tmp_path):
     assert torch.equal(both[1], spotattn.generate(model, long, max_new_tokens=10).sequences[0, 150:])
 
 
+@pytest.mark.parametrize("method", ["dense", "spot", "quest:topk=48", "twilight"])
+def test_decode_density_equals_hf_generate(tmp_path, method):
+    """The static path counts the tokens read as the ordinary path does: valid tokens of the selected blocks
+    (not the slots past the last token, nor the left padding inside the first valid block)."""
+    from spotattn.eval.runner import parse_method_spec
+
+    model = tiny_llama(layers=3)  # Quest and Twilight read their first two layers densely
+    config = (SpotConfig(checkpoint=random_selector(model, tmp_path), budget=TopK(48)) if method == "spot"
+              else parse_method_spec(method).config)
+    spotattn.sparsify(model, config)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 128, (2, 183), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :49] = 0  # 49 pad tokens: the first valid block starts one token in
+    densities = []
+    for run in (lambda: hf_greedy(model, ids, 9, mask), lambda: spotattn.generate(model, ids, attention_mask=mask,
+                                                                                   max_new_tokens=9)):
+        spotattn.reset_density(model)
+        run()
+        densities.append(spotattn.density(model, "decode").per_layer)
+    torch.testing.assert_close(densities[1], densities[0], rtol=1e-9, atol=1e-9)
+    assert densities[0][-1].max() < 1 if method != "dense" else (densities[0] == 1).all()
+
+
 def test_eos_stops_and_pads():
     model = spotattn.sparsify(tiny_llama(), "dense")
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(5))

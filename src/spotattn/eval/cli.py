@@ -33,12 +33,16 @@ METHODS_HELP = (
 @click.option("--allow-beyond-window", is_flag=True, help="Allow lengths beyond the model's context window.")
 @click.option("--recall/--no-recall", default=True, show_default=True,
               help="Measure attention recall (costs an exact attention pass per sparse call).")
+@click.option("--engine", type=click.Choice(["auto", "static", "hf"]), default="auto", show_default=True,
+              help="How generation tasks decode: static (spotattn.generate: static cache, a CUDA graph per "
+              "token; no decode recall), hf (Hugging Face generate), auto (static for methods with a static "
+              "decoder when --no-recall, else hf).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--time-limit", type=float, default=None,
               help="Stop starting new samples after this many seconds.")
 @click.option("--report-only", is_flag=True, help="Only rebuild the report from OUT/results.jsonl.")
 def eval_command(model_name, methods, tasks, lengths, samples, out, seed, device, dtype, allow_beyond_window,
-                 recall, progress, time_limit, report_only) -> None:
+                 recall, engine, progress, time_limit, report_only) -> None:
     """Long-context tasks under sparse methods against dense: accuracy, fidelity, density, recall."""
     from .report import write_report
 
@@ -52,7 +56,7 @@ def eval_command(model_name, methods, tasks, lengths, samples, out, seed, device
         result = evaluate(
             model_name, methods=methods, tasks=tasks, lengths=lengths, samples=samples, out=out, seed=seed,
             device=device, dtype=dtype, allow_beyond_window=allow_beyond_window, recall=recall,
-            progress=progress, time_limit=time_limit,
+            progress=progress, time_limit=time_limit, engine=engine,
         )
     except EvalArgumentError as exc:
         raise click.BadParameter(exc.detail, param_hint=exc.param) from exc

@@ -31,6 +31,7 @@ BUDGET_KEYS = {"topp": TopP, "topk": TopK, "dual_topp": DualTopP}
 DUAL_TOPP_KEYS = ("sink", "recent", "min_tokens", "max_tokens")
 MIN_LENGTH = 128
 MAX_PPL_POSITIONS = 2048  # perplexity/KL positions scored per document (its last half, at most this many)
+ENGINES = ("auto", "static", "hf")  # how generation tasks decode (see check_engine)
 
 
 class EvalArgumentError(ValueError):
@@ -279,9 +280,44 @@ class EvalResult:
     keys: list[str] = field(default_factory=list)
 
 
-def _generate(model, tokenizer, sample: TaskSample) -> str:
+def check_engine(engine: str, specs: Sequence[MethodSpec], recall: bool) -> None:
+    """``hf`` decodes with Hugging Face ``generate()``; ``static`` with :func:`spotattn.generate` (the static
+    cache and, on CUDA, one graph replay per token: the path the speed benchmarks time), which runs no
+    per-layer observers and so measures no decode recall; ``auto`` takes ``static`` for the methods that
+    have a static decoder when recall is off, else ``hf``."""
+    if engine not in ENGINES:
+        raise EvalArgumentError("--engine", f"{engine!r} is not an engine; allowed: {', '.join(ENGINES)}")
+    if engine != "static":
+        return
+    if recall:
+        raise EvalArgumentError("--engine", "static measures no attention recall (its decode steps run no "
+                                "observers); pass --no-recall (recall=False), or use --engine hf or auto")
+    from ..runtime.decode_path import static_decoder_names  # noqa: PLC0415 (the runtime imports the methods)
+
+    names = static_decoder_names()
+    without = [s.label for s in specs if s.config.method not in names]
+    if without:
+        raise EvalArgumentError("--engine", f"static needs a static decoder; {without} have none (methods with "
+                                f"one: {', '.join(names)}); use --engine auto to decode those with hf")
+
+
+def item_engine(engine: str, spec: MethodSpec, recall: bool) -> str:
+    """The engine an item decodes with (``static`` or ``hf``), after :func:`check_engine`."""
+    if engine == "auto":
+        from ..runtime.decode_path import static_decoder_names  # noqa: PLC0415
+
+        return "static" if not recall and spec.config.method in static_decoder_names() else "hf"
+    return engine
+
+
+def _generate(model, tokenizer, sample: TaskSample, engine: str = "hf") -> str:
     ids = sample.input_ids.to(model.device)
     eos = getattr(tokenizer, "eos_token_id", None)
+    if engine == "static":
+        from ..runtime.generate import generate  # noqa: PLC0415
+
+        gen = generate(model, ids, max_new_tokens=sample.max_new_tokens, eos_token_id=eos, pad_token_id=eos)
+        return tokenizer.decode(gen.sequences[0, ids.shape[1]:], skip_special_tokens=True)
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=sample.max_new_tokens, do_sample=False,
         temperature=None, top_p=None, top_k=None, pad_token_id=eos,
@@ -305,8 +341,10 @@ def run_item(
     *,
     recall: bool = True,
     dense_logits: torch.Tensor | None = None,
+    engine: str = "hf",
 ) -> tuple[dict, torch.Tensor | None]:
-    """One sample under one method: the record's measurements, and the document logits (perplexity)."""
+    """One sample under one method: the record's measurements, and the document logits (perplexity).
+    ``engine``: ``hf`` or ``static``, how a generation task decodes (:func:`check_engine`)."""
     sparsify(model, spec.config)
     recorder = RecallRecorder(model) if recall else None
     logits = None
@@ -316,8 +354,8 @@ def run_item(
         reset_density(model)
         with torch.no_grad():
             if sample.kind == "generate":
-                text = _generate(model, tokenizer, sample)
-                out.update(output=text, score=sample.score(text))
+                text = _generate(model, tokenizer, sample, engine)
+                out.update(output=text, score=sample.score(text), engine=engine)
             else:
                 logits, targets = _document_logits(model, sample)
                 nll = token_nll(logits, targets)
@@ -355,18 +393,21 @@ def run_eval(
     recall: bool = True,
     progress: bool = True,
     time_limit: float | None = None,
+    engine: str = "auto",
 ) -> EvalResult:
     """Evaluate ``methods`` on ``tasks`` x ``lengths`` x ``samples``, appending to ``out``/results.jsonl.
 
     ``lengths`` count the whole sequence: prompt plus the task's answer budget (as RULER does), so a
     length equal to the model's window fits it. Items already in the file are skipped (resume).
     Samples run in index order across all tasks and lengths, so a run cut short (or stopped by
-    ``time_limit`` seconds, checked between samples) still covers every task and length.
+    ``time_limit`` seconds, checked between samples) still covers every task and length. ``engine``: how
+    generation tasks decode (:func:`check_engine`); the records name it.
     """
     check_samples(samples)
     task_names = parse_tasks(tasks)
     length_list = parse_lengths(lengths)
     specs = parse_methods(methods)
+    check_engine(engine, specs, recall)
     check_lengths(length_list, model_window(model), allow_beyond_window)
     if tokenizer is None:
         raise EvalArgumentError("--model", "the evaluation needs a model with a tokenizer")
@@ -409,7 +450,8 @@ def run_eval(
                 for spec in sorted(todo, key=lambda s: not isinstance(s.config, DenseConfig)):
                     bar.set_postfix_str(f"{task} {length} #{index} {spec.label}", refresh=False)
                     result, logits = run_item(
-                        model, tokenizer, sample, spec, recall=recall, dense_logits=dense_logits
+                        model, tokenizer, sample, spec, recall=recall, dense_logits=dense_logits,
+                        engine=item_engine(engine, spec, recall),
                     )
                     if isinstance(spec.config, DenseConfig) and logits is not None:
                         dense_logits = logits
@@ -452,6 +494,7 @@ def evaluate(
     progress: bool = True,
     report: bool = True,
     time_limit: float | None = None,
+    engine: str = "auto",
 ) -> EvalResult:
     """Load ``model_name`` (see :func:`spotattn.load_model`), run :func:`run_eval`, write the report
     into ``out``/report. Arguments are checked before the model loads."""
@@ -460,12 +503,12 @@ def evaluate(
     check_samples(samples)
     parse_tasks(tasks)
     parse_lengths(lengths)
-    parse_methods(methods)
+    check_engine(engine, parse_methods(methods), recall)
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
     result = run_eval(
         model, tokenizer, methods=methods, tasks=tasks, lengths=lengths, samples=samples, out=out, seed=seed,
         model_name=model_name, allow_beyond_window=allow_beyond_window, recall=recall, progress=progress,
-        time_limit=time_limit,
+        time_limit=time_limit, engine=engine,
     )
     if report:
         from .report import write_report  # noqa: PLC0415 (needs matplotlib)

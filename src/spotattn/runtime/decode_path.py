@@ -147,8 +147,13 @@ def _attend(cache, layer_idx, q, ids, counts, block_size, scale, seq_start, seq_
 def _record(state, counts, block_size, seq_len, seq_start, batch) -> None:
     """Decode density counters, accumulated in place so that graph replays keep adding to them."""
     start = seq_start.double().view(-1, 1) if seq_start is not None else torch.zeros(batch, 1, device=counts.device)
-    available = (seq_len.double() - start).clamp(min=0)  # (B, 1)
-    read = torch.minimum(counts.double() * block_size, available)  # block granularity, capped by what exists
+    length = seq_len.double()
+    available = (length - start).clamp(min=0)  # (B, 1)
+    # The valid tokens of the selected blocks, as density_of counts them on the ordinary path: every list
+    # holds the current block (its slots past the last token are not read) and the first valid block
+    # (its left padding is not read). Dense lists, which also hold padding blocks, are capped by what exists.
+    unread = torch.remainder(-length, block_size) + torch.remainder(start, block_size)
+    read = torch.minimum((counts.double() * block_size - unread).clamp(min=0), available)
     for store, value in ((state.read, read), (state.available, available)):
         value = value.sum(0).expand(state.num_kv_heads)
         current = store.get("decode")
