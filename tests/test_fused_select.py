@@ -71,6 +71,7 @@ def case(
     seed: int = 0,
     device: str = "cpu",
     warps: int | None = None,
+    temperature: float = 1.0,
 ) -> Callable[[], str | None]:
     def run() -> str | None:
         from spotattn.kernels._triton.select import select_decode_fused
@@ -86,7 +87,7 @@ def case(
             allowed = j <= last
             if seq_start is not None:
                 allowed = allowed & ((j + 1) * bs > seq_start.view(b, 1, 1, 1))
-            mass = torch.softmax(raw.masked_fill(~allowed, float("-inf")), -1)
+            mass = torch.softmax((raw / temperature).masked_fill(~allowed, float("-inf")), -1)
             scores = raw
         else:
             mass = scores = raw.exp()
@@ -99,7 +100,7 @@ def case(
             else dict(row_first_block=first.to(dev), row_last_block=last.to(dev))
         )
         got = select_decode_fused(scores.to(dev), bud, bs, nb, logits=logits, seq_start=start, num_warps=warps,
-                                  **kw)
+                                  temperature=temperature, **kw)
         return _same(got, ref)
 
     return run
@@ -145,6 +146,10 @@ def interpreter_cases() -> dict[str, Callable[[], str | None]]:
     cases["prep-int4-b1-two-calls"] = _prep_case("int4", 1, b=1, split_k=3, calls=2)
     cases["prep-bf16-b17-two-calls"] = _prep_case("bf16", 2, b=17, hidden_size=64, split_k=2, calls=2)
     cases["static-width"] = _width_case
+    # The softmax at a selector temperature: sharper (fewer blocks for a nucleus) and flatter.
+    cases["dual-logits-T0.3"] = case("dual", logits=True, padded=True, spread=3.0, temperature=0.3, seed=28)
+    cases["topp-logits-T2.5-b4"] = case("topp", b=4, g=1, nb=1000, live=15000, logits=True, spread=2.0,
+                                        temperature=2.5, seed=29)
     return cases
 
 
@@ -372,11 +377,16 @@ if __name__ == "__main__":
     print_verdicts(interpreter_cases())
 
 
-def test_select_refuses_cpu_stage_stamps() -> None:
+def test_select_refuses_bad_temperature_and_cpu_stage_stamps() -> None:
     from spotattn.kernels._triton.select import select_decode_fused
 
     scores = torch.rand(1, 1, 1, 40)
     args = (scores, TopK(64), 16, 40)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+            select_decode_fused(*args, logits=True, seq_len=torch.tensor(600), temperature=bad)
+    with pytest.raises(ValueError, match="temperature applies to logits"):
+        select_decode_fused(*args, logits=False, seq_len=torch.tensor(600), temperature=0.5)
     with pytest.raises(ValueError, match="stage_cycles needs a GPU run"):
         select_decode_fused(*args, logits=False, seq_len=torch.tensor(600),
                             stage_cycles=torch.zeros(1, 16, dtype=torch.int64))

@@ -46,15 +46,20 @@ def test_left_padding_gives_the_unpadded_tokens(tmp_path):
     assert torch.equal(both[1], spotattn.generate(model, long, max_new_tokens=10).sequences[0, 150:])
 
 
-@pytest.mark.parametrize("method", ["dense", "spot", "quest:topk=48", "twilight"])
+@pytest.mark.parametrize("method", ["dense", "spot", "spot-dual-T0.3", "quest:topk=48", "twilight"])
 def test_decode_density_equals_hf_generate(tmp_path, method):
-    """The static path counts the tokens read as the ordinary path does: valid tokens of the selected blocks
-    (not the slots past the last token, nor the left padding inside the first valid block)."""
+    """The static path selects and counts as the ordinary path does: the selector's temperature applies, and
+    the tokens read are the valid tokens of the selected blocks (not the slots past the last token, nor the
+    left padding inside the first valid block)."""
     from spotattn.eval.runner import parse_method_spec
 
     model = tiny_llama(layers=3)  # Quest and Twilight read their first two layers densely
-    config = (SpotConfig(checkpoint=random_selector(model, tmp_path), budget=TopK(48)) if method == "spot"
-              else parse_method_spec(method).config)
+    budgets = {"spot": (TopK(48), None), "spot-dual-T0.3": (DualTopP(p=0.9, sink=16, recent=16, min_tokens=32), 0.3)}
+    if method in budgets:
+        budget, temperature = budgets[method]
+        config = SpotConfig(checkpoint=random_selector(model, tmp_path), budget=budget, temperature=temperature)
+    else:
+        config = parse_method_spec(method).config
     spotattn.sparsify(model, config)
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(1, 128, (2, 183), generator=gen)

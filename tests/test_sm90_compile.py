@@ -132,7 +132,8 @@ def test_select_stage_stamps_compile_only_when_asked(trace: bool, tmp_path: Path
     _, t, ea, eb, s = select._tiles(8200, None)
     signature = dict(X="*fp32", sxb="i32", sxg="i32", Rows="*i64", s_rows="i32", Start="*i64", Ids="*i32",
                      sib="i32", sig="i32", Counts="*i32", scb="i32", Scr="*i32", Flags="*i8", G="i32", NB="i32",
-                     W="i32", num_queries="i32", p_keep="fp32", k_blocks="i32", floor_blocks="i32")
+                     W="i32", num_queries="i32", p_keep="fp32", k_blocks="i32", floor_blocks="i32",
+                     inv_temp="fp32")
     constexprs = dict(RULE=2, HAS_CAP=True, LOGITS=True, FROM_LEN=True, HAS_START=False, BS=16, N_SINK=8,
                       N_RECENT=16, T=t, EA=ea, EB=eb, S=s, WBLOCK=512)
     signature |= dict.fromkeys(constexprs, "constexpr") | {"Trace": "*i64", "TRACE": "constexpr"}

@@ -476,12 +476,13 @@ def _spot(ctx: DecodeContext) -> Selection | None:
 
         fused = _fused_select(logits)
         if fused is not None:
-            # Softmax over the allowed blocks happens inside the selection kernel (the same distribution
-            # as softmax over the buffer then renormalised, up to float rounding).
+            # Softmax over the allowed blocks, at the selector's temperature, happens inside the selection
+            # kernel (the same distribution as softmax over the buffer then renormalised, up to rounding).
             n_sink, n_recent = _forced_counts(cfg.budget, bs)
             width = n_sink + max(n_recent, 2) + _cap_blocks(cfg.budget, bs, logits.shape[-1])
-            return fused(logits, cfg.budget, bs, width, logits=True, seq_len=ctx.seq_len, seq_start=ctx.seq_start)
-    mass = torch.softmax(_finite_rows(logits), dim=-1).amax(dim=2, keepdim=True)
+            return fused(logits, cfg.budget, bs, width, logits=True, seq_len=ctx.seq_len, seq_start=ctx.seq_start,
+                         temperature=method.temperature)
+    mass = torch.softmax(_finite_rows(logits) / method.temperature, dim=-1).amax(dim=2, keepdim=True)
     return select_decode_static(mass, cfg.budget, bs, ctx.seq_len, hidden.shape[1], ctx.seq_start)
 
 

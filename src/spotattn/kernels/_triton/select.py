@@ -279,6 +279,7 @@ def _select_row_kernel(
     p_keep,
     k_blocks,
     floor_blocks,
+    inv_temp,  # LOGITS: the softmax is over logits * inv_temp
     RULE: tl.constexpr,  # 0 TopK, 1 TopP, 2 DualTopP
     HAS_CAP: tl.constexpr,
     LOGITS: tl.constexpr,
@@ -336,10 +337,10 @@ def _select_row_kernel(
         xB = tl.load(xrow + jB, mask=jB < NB, other=0.0).to(tl.float32)
         okB = (jB >= sink0) & (jB <= last_c)
     if LOGITS:
-        xA = tl.where(okA, xA, float("-inf"))
+        xA = tl.where(okA, xA * inv_temp, float("-inf"))
         m = tl.max(xA, 0)
         if HAS_B:
-            xB = tl.where(okB, xB, float("-inf"))
+            xB = tl.where(okB, xB * inv_temp, float("-inf"))
             m = tl.maximum(m, tl.max(xB, 0))
         m = tl.max(m, 0)
         m = tl.where(m == float("-inf"), 0.0, m)
@@ -521,13 +522,15 @@ def select_decode_fused(
     first_row: int = 0,
     num_warps: int | None = None,
     stage_cycles: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> Selection:
     """One decode row's :class:`Selection` ``(B, G, 1, width)`` from ``scores`` ``(B, G, 1, NB)`` or ``(B, G, NB)``.
 
-    ``logits=True``: scores are log-masses (a softmax over the allowed blocks is taken here); else
-    non-negative masses. The row is given either by ``seq_len`` (keys that exist, the ``num_queries`` new
-    ones included; a 0-dim, ``(1,)`` or ``(B,)`` device tensor, so the call is CUDA-graph safe) or by the
-    ``(1,)`` tensors ``row_first_block``/``row_last_block``. Nothing is read back to the host.
+    ``logits=True``: scores are log-masses (a softmax over the allowed blocks of ``scores / temperature``
+    is taken here); else non-negative masses (``temperature`` must stay 1). The row is given either by
+    ``seq_len`` (keys that exist, the ``num_queries`` new ones included; a 0-dim, ``(1,)`` or ``(B,)``
+    device tensor, so the call is CUDA-graph safe) or by the ``(1,)`` tensors
+    ``row_first_block``/``row_last_block``. Nothing is read back to the host.
     ``num_warps`` overrides the launch width (benchmarks; results do not depend on it).
     ``stage_cycles``: an int64 ``(B * G, 16)`` tensor on the GPU that receives, per row,
     the SM clock after each of :data:`STAGES` (entry 0: the start; a differently compiled kernel, for
@@ -557,6 +560,10 @@ def select_decode_fused(
     ids = torch.empty(b, g, 1, width, dtype=torch.int32, device=dev)
     counts = torch.empty(b, g, 1, dtype=torch.int32, device=dev)
     start = seq_start.reshape(b) if seq_start is not None else rows
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"select_decode_fused: temperature must be a positive finite number, got {temperature!r}")
+    if not logits and temperature != 1.0:
+        raise ValueError("select_decode_fused: temperature applies to logits; with masses (logits=False) it must be 1")
     if stage_cycles is not None:
         if interpreting() or dev.type != "cuda" or stage_cycles.device != dev:
             raise ValueError("stage_cycles needs a GPU run and a tensor on the scores' device (SM clock stamps)")
@@ -587,6 +594,7 @@ def select_decode_fused(
         p,
         k_blocks,
         floor_blocks,
+        1.0 / float(temperature),
         RULE=rule,
         HAS_CAP=has_cap,
         LOGITS=logits,
