@@ -312,6 +312,11 @@ def interpreter_cases() -> dict[str, Callable[[], str | None]]:
     cases["decode-45-splits"] = decode_case(
         b=2, hq=4, hkv=1, t=2, lk=2200, d=64, bs=64, full=True, seq_start=(0, 31), splits=64, width_pad=10
     )
+    # A wide list with few live blocks (a budget without a cap): the live count is spread over the splits.
+    cases["decode-wide-list-few-live"] = decode_case(
+        b=2, hq=4, hkv=2, t=1, lk=900, dtype="bf16", density=0.1, seq_start=(0, 40), width_pad=300, splits=9,
+        paged=True, calls=2,
+    )
     # Launch tilings other than the default: one block per tile, and 64-token tiles of four blocks.
     cases["decode-tiling-16x2-s1-p1"] = decode_case(
         b=2, hq=4, hkv=2, t=2, lk=301, dtype="bf16", seq_start=(0, 19), width_pad=2, tiling="16x2:s1:p1"

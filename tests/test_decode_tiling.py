@@ -54,3 +54,16 @@ def test_splits_hold_whole_tiles_and_respect_the_cap(tiling: str, batch_heads: i
     # More programs per SM never means fewer splits.
     more = DecodeTiling(t.block_n, t.num_warps, t.num_stages, 2 * t.programs_per_sm)
     assert choose_splits(batch_heads, width, 16, torch.device("cpu"), more) >= splits
+
+
+def test_bench_attend_refuses_bad_arguments_before_needing_a_gpu() -> None:
+    from click.testing import CliRunner
+
+    from spotattn.cli import main
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["bench", "attend", "--list-tokens", "10"])
+    assert result.exit_code == 2 and "--list-tokens" in result.output and "[4096, 131072]" in result.output
+    result = runner.invoke(main, ["bench", "attend", "--tilings", "default,64x3"])
+    assert result.exit_code == 2 and "--tilings" in result.output
+    assert "num_warps must be 1, 2, 4, 8 or 16" in result.output

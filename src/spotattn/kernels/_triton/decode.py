@@ -6,9 +6,11 @@ The program walks its slice of the block list in ``BLOCK_N``-token tiles; a tile
 ``BLOCK_N // block_size`` blocks (so block size 16 still gives wide tiles). It writes a normalised
 partial output and its log-sum-exp. The reduce kernel merges the splits.
 
-The number of splits is fixed on the host from static shapes (the width of the block list, batch and
-heads), never from the counts on the device, so there is no host sync and the launch is CUDA-graph safe;
-splits past a group's count exit at once and contribute nothing.
+The number of splits (the grid) is fixed on the host from static shapes (the width of the block list,
+batch and heads), never from the counts on the device, so there is no host sync and the launch is
+CUDA-graph safe. Each program divides its row's live count over the splits on the device (whole tiles per
+split), so a wide list that is mostly padding (a budget without a cap) still spreads its blocks over all
+splits; a split left without blocks writes an empty partial.
 
 The paged variant reads K/V through a block table: logical block ``j`` of sequence ``b`` lives in page
 ``block_table[b, j]`` of ``k_pages``/``v_pages``; page size equals the selection's block size.
@@ -76,7 +78,6 @@ def _decode_split_kernel(
     Lk,
     group,
     qk_scale,
-    blocks_per_split,
     num_splits,
     HAS_START: tl.constexpr,
     SHARED: tl.constexpr,
@@ -118,12 +119,13 @@ def _decode_split_kernel(
     )
 
     cnt = tl.load(Counts + b * scb + g * scg)
-    lo = s * blocks_per_split
-    hi = tl.minimum(lo + blocks_per_split, cnt)
+    BPT: tl.constexpr = BLOCK_N // BS
+    per_split = tl.cdiv(tl.cdiv(cnt, num_splits), BPT) * BPT  # the live blocks, in whole tiles per split
+    lo = s * per_split
+    hi = tl.minimum(lo + per_split, cnt)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    BPT: tl.constexpr = BLOCK_N // BS
     offs_n = tl.arange(0, BLOCK_N)
     within = offs_n % BS
     id_base = Ids + b * sib + g * sig
@@ -325,7 +327,6 @@ def _launch_decode(
         0 if paged else k.shape[2],
         group,
         scale * LOG2E,
-        per_split,
         splits,
         HAS_START=seq_start is not None,
         SHARED=block_ids.shape[1] == 1,
