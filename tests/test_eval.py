@@ -419,3 +419,24 @@ def test_static_engine_gives_hf_outputs(tmp_path: Path, tiny_model) -> None:
         assert b["density"]["decode"] == pytest.approx(a["density"]["decode"])
     with_recall = run_eval(model, tok, out=tmp_path / "recall", **common).records
     assert {r["engine"] for r in with_recall} == {"hf"} and all("recall" in r for r in with_recall)
+
+
+def test_static_engine_stops_at_the_generation_config_end_ids(tiny_model) -> None:
+    """Both engines stop at every end id of the model's generation config, not only the tokenizer's."""
+    import spotattn
+
+    model, tok = tiny_model
+    sample = build_task("passkey", tok, 240, seed=0)
+    ids = sample.input_ids
+    spotattn.sparsify(model, "dense")
+    saved = model.generation_config.eos_token_id
+    try:
+        free = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=sample.max_new_tokens,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
+        model.generation_config.eos_token_id = [tok.eos_token_id, int(free[3])]
+        texts = [runner_mod._generate(model, tok, sample, engine) for engine in ("hf", "static")]
+    finally:
+        model.generation_config.eos_token_id = saved
+        spotattn.unsparsify(model)
+    assert texts[0] == texts[1]
+    assert len(texts[0]) < len(tok.decode(free, skip_special_tokens=True))

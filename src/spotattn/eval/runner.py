@@ -316,7 +316,10 @@ def _generate(model, tokenizer, sample: TaskSample, engine: str = "hf") -> str:
     if engine == "static":
         from ..runtime.generate import generate  # noqa: PLC0415
 
-        gen = generate(model, ids, max_new_tokens=sample.max_new_tokens, eos_token_id=eos, pad_token_id=eos)
+        # Stop where Hugging Face generate() stops: at the generation config's end ids (several for some models).
+        stop = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        gen = generate(model, ids, max_new_tokens=sample.max_new_tokens, eos_token_id=eos if stop is None else stop,
+                       pad_token_id=eos)
         return tokenizer.decode(gen.sequences[0, ids.shape[1]:], skip_special_tokens=True)
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=sample.max_new_tokens, do_sample=False,
