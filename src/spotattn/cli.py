@@ -133,10 +133,11 @@ def generate(model_name, method, budget, block_size, pairs, prompt, prompt_file,
     start = time.perf_counter()
     if use_static:
         from .runtime import generate as static_generate
+        from .runtime.generate import end_ids
 
         gen = torch.Generator(device=model.device).manual_seed(seed)
         printer = TextStream(tokenizer) if stream else None
-        out = static_generate(model, input_ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        out = static_generate(model, input_ids, max_new_tokens=max_new_tokens, eos_token_id=end_ids(model, tokenizer),
                               do_sample=sample, temperature=temperature, generator=gen, compile=compile_step,
                               on_token=printer)
         tokens = out.sequences[0, input_ids.shape[1]:]

@@ -314,11 +314,9 @@ def _generate(model, tokenizer, sample: TaskSample, engine: str = "hf") -> str:
     ids = sample.input_ids.to(model.device)
     eos = getattr(tokenizer, "eos_token_id", None)
     if engine == "static":
-        from ..runtime.generate import generate  # noqa: PLC0415
+        from ..runtime.generate import end_ids, generate  # noqa: PLC0415
 
-        # Stop where Hugging Face generate() stops: at the generation config's end ids (several for some models).
-        stop = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        gen = generate(model, ids, max_new_tokens=sample.max_new_tokens, eos_token_id=eos if stop is None else stop,
+        gen = generate(model, ids, max_new_tokens=sample.max_new_tokens, eos_token_id=end_ids(model, tokenizer),
                        pad_token_id=eos)
         return tokenizer.decode(gen.sequences[0, ids.shape[1]:], skip_special_tokens=True)
     out = model.generate(

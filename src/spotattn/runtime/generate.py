@@ -43,6 +43,13 @@ class Generation:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
 
 
+def end_ids(model: torch.nn.Module, tokenizer=None) -> int | list[int] | None:
+    """The ids Hugging Face ``generate()`` stops at by default: the model's generation config's end ids
+    (several for some models), else the tokenizer's end id."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return ids if ids is not None else getattr(tokenizer, "eos_token_id", None)
+
+
 def _check(name: str, ok: bool, allowed: str, value: object) -> None:
     if not ok:
         raise ValueError(f"generate: {name} must be {allowed}, got {value!r}")
