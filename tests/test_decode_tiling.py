@@ -48,7 +48,7 @@ def test_splits_hold_whole_tiles_and_respect_the_cap(tiling: str, batch_heads: i
     splits = choose_splits(batch_heads, width, 16, torch.device("cpu"), t)
     bpt = t.tile(16) // 16
     assert 1 <= splits <= MAX_SPLITS
-    # The launch re-derives whole-tile splits from the count; none of them may come out empty.
+    # The launch re-derives whole-tile splits of the width from this count; none of them may come out empty.
     per_split = math.ceil(math.ceil(width / splits) / bpt) * bpt
     assert math.ceil(width / per_split) == splits
     # More programs per SM never means fewer splits.

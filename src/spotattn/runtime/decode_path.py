@@ -121,7 +121,7 @@ def static_decode(
         ids, counts = selection.block_ids[:, :, 0], selection.counts[:, :, 0]
     out = _attend(cache, state.layer_idx, q, ids, counts, bs, scale, seq_start, seq_len)
     if cache.track_density:
-        _record(state, counts, bs, seq_len, seq_start, b)
+        _record(state, None if selection is None else counts, bs, seq_len, seq_start, b)
     return out
 
 
@@ -145,15 +145,21 @@ def _attend(cache, layer_idx, q, ids, counts, block_size, scale, seq_start, seq_
 
 
 def _record(state, counts, block_size, seq_len, seq_start, batch) -> None:
-    """Decode density counters, accumulated in place so that graph replays keep adding to them."""
-    start = seq_start.double().view(-1, 1) if seq_start is not None else torch.zeros(batch, 1, device=counts.device)
-    length = seq_len.double()
-    available = (length - start).clamp(min=0)  # (B, 1)
-    # The valid tokens of the selected blocks, as density_of counts them on the ordinary path: every list
-    # holds the current block (its slots past the last token are not read) and the first valid block
-    # (its left padding is not read). Dense lists, which also hold padding blocks, are capped by what exists.
-    unread = torch.remainder(-length, block_size) + torch.remainder(start, block_size)
-    read = torch.minimum((counts.double() * block_size - unread).clamp(min=0), available)
+    """Decode density counters, accumulated in place so that graph replays keep adding to them.
+    ``counts`` None: the dense path, which reads every available token."""
+    length = seq_len.double().reshape(1, 1)
+    start = None if seq_start is None else seq_start.double().view(-1, 1)
+    available = length.expand(batch, 1) if start is None else (length - start).clamp(min=0)  # (B, 1)
+    if counts is None:
+        read = available
+    else:
+        # The valid tokens of the selected blocks, as density_of counts them on the ordinary path: every list
+        # holds the current block (its slots past the last token are not read) and the first valid block
+        # (its left padding is not read).
+        unread = torch.remainder(-length, block_size)
+        if start is not None:
+            unread = unread + torch.remainder(start, block_size)
+        read = counts.double() * block_size - unread
     for store, value in ((state.read, read), (state.available, available)):
         value = value.sum(0).expand(state.num_kv_heads)
         current = store.get("decode")
