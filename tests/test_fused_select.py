@@ -358,6 +358,14 @@ def test_fused_select_gpu(budget: str, nb: int, live: int, logits: bool) -> None
 
 
 @cuda
+@pytest.mark.parametrize("temperature", [0.3, 2.5])
+def test_fused_select_gpu_temperature(temperature: float) -> None:
+    """The selector's temperature scales the logits inside the kernel at 128K (8200 blocks) on the GPU."""
+    assert case("dual", b=2, g=1, nb=8200, live=131073, padded=True, logits=True, spread=3.0,
+                temperature=temperature, device="cuda", seed=31)() is None
+
+
+@cuda
 @pytest.mark.parametrize("fmt", ["int4", "bf16"])
 @pytest.mark.parametrize("groups", [1, 8])
 def test_fused_prep_gpu(fmt: str, groups: int) -> None:

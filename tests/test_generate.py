@@ -75,6 +75,28 @@ def test_decode_density_equals_hf_generate(tmp_path, method):
     assert densities[0][-1].max() < 1 if method != "dense" else (densities[0] == 1).all()
 
 
+@pytest.mark.parametrize("engine", [
+    "compiled",
+    pytest.param("graph", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+])
+def test_warm_up_steps_are_not_counted(tmp_path, engine):
+    """The warm-up steps of the compiled and graph engines (undone: one eager and one compiled step, or two
+    before a capture) are not counted: their decode density equals the eager engine's."""
+    model = tiny_llama(layers=2)
+    budget = DualTopP(p=0.9, sink=16, recent=16, min_tokens=32)
+    if engine == "graph":
+        model = tiny_llama(hidden=256, heads=4).cuda().to(torch.bfloat16)  # head_dim 64 (a Triton size)
+    spotattn.sparsify(model, SpotConfig(checkpoint=random_selector(model, tmp_path), budget=budget, temperature=0.3))
+    ids = torch.randint(1, 128, (2, 183), generator=torch.Generator().manual_seed(6)).to(model.device)
+    densities = []
+    for kwargs in ({"graph": False}, {"graph": engine == "graph", "compile": engine == "compiled"}):
+        spotattn.reset_density(model)
+        out = spotattn.generate(model, ids, max_new_tokens=4, **kwargs)
+        assert out.engine == ("eager" if len(kwargs) == 1 else engine)
+        densities.append(spotattn.density(model, "decode").per_layer)
+    torch.testing.assert_close(densities[1], densities[0], rtol=1e-9, atol=1e-9)
+
+
 def test_eos_stops_and_pads():
     model = spotattn.sparsify(tiny_llama(), "dense")
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(5))

@@ -109,6 +109,17 @@ def test_decode_many_splits(hq, hkv, t, paged) -> None:
     assert err is None, err
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_wide_list_few_live(paged) -> None:
+    """A list as wide as the cache with a tenth of it live (a budget without a cap): each row's live count
+    is divided over the splits on the device, call after call."""
+    err = decode_case(
+        b=3, hq=32, hkv=8, t=1, lk=20000, d=128, bs=16, dtype="bf16", density=0.1, seq_start=(0, 77, 4000),
+        width_pad=1200, splits=48, paged=paged, calls=3, device="cuda",
+    )()
+    assert err is None, err
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("t", [1, 3])
 def test_scores_and_selection(dtype, t) -> None:

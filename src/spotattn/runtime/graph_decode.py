@@ -28,6 +28,10 @@ outside the compiled region:
 - moving the length counter between steps (``StaticSparseCache.set_length``). The cache writes of the
   step itself (new K/V, the counter's advance) are inside: inductor writes them in place into the static
   buffers (they are mutated graph inputs).
+
+The throwaway steps (the warm-up before a capture, the eager and first compiled call of a compilation)
+undo both what they advance: the cache's length and the model's decode density counters, so that
+``spotattn.density`` counts only the steps a user ran.
 """
 
 from __future__ import annotations
@@ -35,12 +39,13 @@ from __future__ import annotations
 import gc
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
 from ..cache import SparseCache
-from ..integration import _seq_start, cache_kwargs
+from ..integration import _seq_start, cache_kwargs, layer_states, sparsified_config
 from .static_cache import StaticSparseCache
 
 
@@ -139,15 +144,14 @@ class GraphDecoder:
         steps' cache advances are undone, their writes land where the next real step writes."""
         if self._compiled is None or self.compile_seconds is not None:
             return
-        saved = self.cache.length().clone()
-        self._forward()
-        self.cache.set_length(saved)
+        with self._throwaway():
+            self._forward()
         start = time.perf_counter()
-        self._compiled(self)
-        if self.input_ids.is_cuda:
-            torch.cuda.synchronize()
+        with self._throwaway():
+            self._compiled(self)
+            if self.input_ids.is_cuda:
+                torch.cuda.synchronize()
         self.compile_seconds = time.perf_counter() - start
-        self.cache.set_length(saved)
         # Tracing leaves cyclic garbage that references the cache: collect it now, so that dropping the
         # decoder and the cache frees their device memory at once rather than at some later collection.
         gc.collect()
@@ -170,14 +174,37 @@ class GraphDecoder:
         with torch.cuda.stream(stream):
             self._compile()
             for _ in range(warmup):
-                step()
-                self.cache.set_length(saved)
+                with self._throwaway():
+                    step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         # A recompile here would compile inside the capture: raise instead.
         with torch.compiler.set_stance("fail_on_recompile"), torch.cuda.graph(self.graph):
             self.logits = step()
         self.cache.set_length(saved)  # capture does not run kernels; this only guards against surprises
+
+    @contextmanager
+    def _throwaway(self) -> Iterator[None]:
+        """Run a step that does not count: afterwards the cache's length and the decode density counters are
+        back where they were. The counters the step created or replaced keep their identity (a graph captured
+        later adds to them in place) and take their old values, or zero where there were none."""
+        length = self.cache.length().clone()
+        stores = []
+        if sparsified_config(self.model) is not None:
+            stores = [store for state in layer_states(self.model) for store in (state.read, state.available)]
+        before = [{name: value.clone() for name, value in store.items()} for store in stores]
+        try:
+            yield
+        finally:
+            self.cache.set_length(length)
+            for store, old in zip(stores, before, strict=True):
+                for name, value in store.items():
+                    if name not in old:
+                        value.zero_()
+                    elif value.is_contiguous():
+                        value.copy_(old[name])
+                    else:  # an expanded view the step did not touch (the ordinary path's): the old value
+                        store[name] = old[name]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Copy ``tokens`` ``(B,)`` in and replay the captured step; returns the static logits ``(B, V)``.
