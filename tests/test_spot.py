@@ -164,6 +164,17 @@ def test_teacher_in_chunks_equals_at_once():
     torch.testing.assert_close(once[:, 0], torch.nn.functional.pad(p, (0, 12)).unflatten(-1, (7, 16)).sum(-1))
     per_group = teacher_block_probs(q, k, 0.25, 16, num_groups=2, chunk=9)
     torch.testing.assert_close(per_group.mean(1), once[:, 0])
+    # heads="max": per block the largest head's mass, renormalised; in chunks as at once; per group too.
+    blocks = torch.nn.functional.pad(s.masked_fill(~mask, float("-inf")).softmax(-1), (0, 12))
+    blocks = blocks.unflatten(-1, (7, 16)).sum(-1)  # (1, 2, 3, 70, 7) per head
+    most = blocks.amax(dim=(1, 2))
+    torch.testing.assert_close(teacher_block_probs(q, k, 0.25, 16, chunk=11, heads="max")[:, 0],
+                               most / most.sum(-1, keepdim=True))
+    group_max = blocks.amax(2)
+    torch.testing.assert_close(teacher_block_probs(q, k, 0.25, 16, num_groups=2, heads="max"),
+                               group_max / group_max.sum(-1, keepdim=True))
+    with pytest.raises(ValueError, match="heads must be one of"):
+        teacher_block_probs(q, k, 0.25, 16, heads="median")
 
 
 # ------------------------------------------------------------------------------------------- budget
@@ -269,12 +280,12 @@ def test_checkpoint_refuses_mismatched_model(tiny_ckpt):
 # ---------------------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("residual", [None, (16, 32)])
-def test_a_few_training_steps_lower_the_loss(residual):
+@pytest.mark.parametrize(("residual", "heads"), [(None, "mean"), ((16, 32), "mean"), (None, "max")])
+def test_a_few_training_steps_lower_the_loss(residual, heads):
     model = tiny_llama()
     cfg = config_for_model(model.config, num_heads=2, head_dim=16)
     selector = Selector(cfg)
-    capture = Capture(16, 1, 32, torch.float32)
+    capture = Capture(16, 1, 32, torch.float32, heads=heads)
     optim = torch.optim.AdamW(selector.parameters(), lr=1e-2)
     torch.manual_seed(5)
     ids = torch.randint(0, 128, (2, 96))

@@ -66,6 +66,14 @@ import click
     default=None,
     help="Sparse KL over the teacher's top N blocks plus a rest bucket (default: dense KL).",
 )
+@click.option(
+    "--teacher-heads",
+    type=click.Choice(["mean", "max"]),
+    default="mean",
+    show_default=True,
+    help="How the teacher reduces over query heads: their mean attention per block, or per block the largest "
+    "any head gives (renormalised), so that blocks one head reads sharply rank high.",
+)
 @click.option("--chunk", type=int, default=256, show_default=True, help="Query chunk of teacher and loss.")
 @click.option("--eval-every", type=int, default=50, show_default=True)
 @click.option("--save-every", type=int, default=100, show_default=True)
@@ -93,6 +101,7 @@ def train_command(
     length_scaling,
     residual_kl,
     sparse_top,
+    teacher_heads,
     chunk,
     eval_every,
     save_every,
@@ -124,6 +133,7 @@ def train_command(
         length_scaling=length_scaling,
         residual_kl=residual_kl,
         sparse_top=sparse_top,
+        teacher_heads=teacher_heads,
         chunk=chunk,
         eval_every=eval_every,
         save_every=save_every,

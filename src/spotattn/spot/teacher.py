@@ -1,7 +1,9 @@
 """The distillation target and losses.
 
 Teacher of a layer: its softmax attention averaged over query heads (or over the heads of each kv-group),
-summed onto the selector's key blocks, computed in query chunks so memory stays linear in length.
+summed onto the selector's key blocks, computed in query chunks so memory stays linear in length. The
+``max`` option takes, per block, the largest mass any head gives it, renormalised: one selection serves
+all heads, and a head that reads a few blocks sharply weighs as much there as the heads that spread.
 Loss: forward KL(teacher || selector) per query; the sparse variant keeps the teacher's top blocks
 exactly and lumps every other block into one "rest" bucket.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..selection import block_sums
+
+HEAD_REDUCTIONS = ("mean", "max")
 
 
 def teacher_block_probs(
@@ -23,16 +27,20 @@ def teacher_block_probs(
     seq_start: torch.Tensor | None = None,
     chunk: int = 256,
     out_dtype: torch.dtype = torch.float32,
+    heads: str = "mean",
 ) -> torch.Tensor:
     """Head-averaged attention mass per key block, ``(B, G, Lq, NB)``.
 
     ``query`` ``(B, Hq, Lq, D)`` and ``key`` ``(B, Hkv, Lk, D)`` are post-RoPE; queries are the last Lq
     positions of the keys. ``num_groups`` 1 averages over all query heads; Hkv averages within each group.
+    ``heads="max"``: each block's largest mass over those heads instead, renormalised to sum to 1.
     """
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     if num_groups not in (1, hkv):
         raise ValueError(f"num_groups must be 1 or the number of kv heads ({hkv}), got {num_groups}")
+    if heads not in HEAD_REDUCTIONS:
+        raise ValueError(f"heads must be one of {HEAD_REDUCTIONS}, got {heads!r}")
     rep = hq // hkv
     offset = lk - lq
     nb = -(-lk // block_size)
@@ -47,10 +55,15 @@ def teacher_block_probs(
         if seq_start is not None:
             allowed = allowed & (key_pos >= seq_start.view(b, 1, 1, 1, 1))
         probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-        probs = probs.mean(dim=2)  # over the query heads of each group
-        if num_groups == 1:
-            probs = probs.mean(dim=1, keepdim=True)
-        out[:, :, a:e] = block_sums(probs, block_size).to(out_dtype)
+        if heads == "mean":
+            probs = probs.mean(dim=2)  # over the query heads of each group
+            blocks = block_sums(probs.mean(dim=1, keepdim=True) if num_groups == 1 else probs, block_size)
+        else:
+            blocks = block_sums(probs, block_size).amax(dim=2)  # per block, the largest head of each group
+            if num_groups == 1:
+                blocks = blocks.amax(dim=1, keepdim=True)
+            blocks = blocks / blocks.sum(-1, keepdim=True).clamp(min=1e-30)
+        out[:, :, a:e] = blocks.to(out_dtype)
     return out
 
 

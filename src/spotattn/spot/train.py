@@ -31,7 +31,15 @@ from transformers.masking_utils import AttentionMaskInterface
 from ..types import DualTopP
 from .checkpoint import fingerprint, load_selector, read_meta, save_selector
 from .selector import Selector, SelectorLayer, block_log_probs, config_for_model
-from .teacher import block_recall, forward_kl, residual_blocks, residual_kl, sparse_kl, teacher_block_probs
+from .teacher import (
+    HEAD_REDUCTIONS,
+    block_recall,
+    forward_kl,
+    residual_blocks,
+    residual_kl,
+    sparse_kl,
+    teacher_block_probs,
+)
 
 DISTILL_ATTN = "spotattn_distill"
 CAPTURE_ATTR = "_spotattn_distill"
@@ -146,6 +154,7 @@ class Capture:
     num_groups: int
     chunk: int
     teacher_dtype: torch.dtype
+    heads: str = "mean"  # how the teacher reduces over query heads (teacher_block_probs)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     teacher: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -170,6 +179,7 @@ def distill_attention(module, query, key, value, attention_mask, scaling=None, d
             num_groups=capture.num_groups,
             chunk=capture.chunk,
             out_dtype=capture.teacher_dtype,
+            heads=capture.heads,
         )
     return out.transpose(1, 2).contiguous(), None
 
@@ -329,6 +339,7 @@ class TrainConfig:
     length_scaling: bool = False  # see SelectorConfig
     sparse_top: int | None = None  # blocks; None = dense KL
     residual_kl: bool = False  # KL over the blocks dual top-p does not force (its default sink/recent)
+    teacher_heads: str = "mean"  # mean or max over query heads (teacher_block_probs)
     chunk: int = 256
     eval_every: int = 50
     eval_batches: int = 2
@@ -395,6 +406,8 @@ def train(
 
     from ..models import load_model
 
+    if cfg.teacher_heads not in HEAD_REDUCTIONS:  # before the model loads
+        raise ValueError(f"teacher_heads must be one of {HEAD_REDUCTIONS}, got {cfg.teacher_heads!r}")
     model, tokenizer = load_model(cfg.model, device=cfg.device)
     device = next(model.parameters()).device
     if tokenizer is None:
@@ -439,6 +452,7 @@ def train(
         sel_cfg.num_groups,
         cfg.chunk,
         torch.bfloat16 if device.type == "cuda" else torch.float32,
+        heads=cfg.teacher_heads,
     )
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
