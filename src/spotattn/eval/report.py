@@ -145,7 +145,7 @@ def markdown(summary: Summary, title: str = "spotattn evaluation") -> str:
             row = [f"`{method}`"] + [_pct(s.density(method, length, p), 1) for p in phases]
             row.append(_num(s.recall(method, length)))
             row += [_pct(s.task_score(method, length, t)) for t in s.gen_tasks]
-            row.append(f"**{_pct(s.accuracy(method, length))}**")
+            row.append(f"**{_pct(s.accuracy(method, length), 1)}**")  # one prompt of 120 is 0.8 points
             if has_ppl:
                 p = s.ppl(method, length)
                 change = None if p["change"] is None else 100 * p["change"]
