@@ -75,6 +75,32 @@ def test_generate_cli_static_engine_with_the_shipped_selector(smollm2):
     assert hf.stdout.strip() and hf.stdout == result.stdout  # the same greedy text from both engines
 
 
+def test_train_cli_on_a_weighted_mixture_with_the_max_teacher(smollm2, tmp_path):
+    """``spotattn train`` end to end on the real model: two weighted text sources, the max-over-heads teacher,
+    two steps; the log names each source's share and the checkpoint loads onto the model."""
+    import json
+
+    from click.testing import CliRunner
+
+    from spotattn.cli import main
+    from spotattn.spot import load_selector
+
+    (tmp_path / "a.txt").write_text("The grass is green. The sky is blue. " * 60)
+    (tmp_path / "b.txt").write_text("One, two, three, four, five, six, seven. " * 60)
+    out = tmp_path / "sel"
+    args = ["train", "--model", "smollm2-135m", "--data", f"{tmp_path / 'a.txt'}@3,{tmp_path / 'b.txt'}@1",
+            "--seq-len", "64", "--steps", "2", "--eval-every", "2", "--teacher-heads", "max", "--device", "cpu",
+            "--no-progress", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "a.txt 75%, " in result.output and "b.txt 25%)" in result.output
+    start = json.loads(out.with_suffix(".train.log").read_text().splitlines()[0])
+    assert start["config"]["teacher_heads"] == "max" and [s["weight"] for s in start["sources"]] == [0.75, 0.25]
+    load_selector(str(out), model=smollm2[0])  # refuses a mismatched model, so this checks the fingerprint
+    bad = CliRunner().invoke(main, [*args[:4], "bible@0", *args[5:]])
+    assert bad.exit_code != 0 and "--data 'bible@0'" in bad.output
+
+
 def test_cli_rejects_bad_method_options():
     from click.testing import CliRunner
 

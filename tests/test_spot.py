@@ -20,7 +20,16 @@ from spotattn.spot.checkpoint import fingerprint
 from spotattn.spot.quant import FORMATS, KeyCache, bytes_per_token, dequantize, quantize, score_blocks_torch
 from spotattn.spot.selector import block_log_probs
 from spotattn.spot.teacher import forward_kl, sparse_kl, teacher_block_probs
-from spotattn.spot.train import Backbone, Capture, layer_loss, recall_at
+from spotattn.spot.train import (
+    Backbone,
+    Capture,
+    Mixture,
+    Windows,
+    layer_loss,
+    parse_data,
+    recall_at,
+    training_windows,
+)
 from spotattn.types import DualTopP, TopK
 
 
@@ -307,6 +316,46 @@ def test_a_few_training_steps_lower_the_loss(residual, heads):
     a = layer_loss(layer, h, t, chunk=16, use_checkpoint=True, residual=residual)
     b = layer_loss(layer, h, t, chunk=96, use_checkpoint=False, residual=residual)
     torch.testing.assert_close(a, b)
+
+
+def test_windows_draw_the_same_batches_as_before():
+    """One source: the batches of the shipped selector's recipe (the windows' draw order is unchanged)."""
+    import random
+
+    windows = Windows(torch.arange(5000), 64)
+    rng = random.Random(3 * 1_000_003 + 7)
+    starts = [rng.randrange(0, len(windows.train) - 64) for _ in range(4)]
+    assert torch.equal(windows.batch(7, 4, 3), torch.stack([torch.arange(s, s + 64) for s in starts]))
+
+
+def test_data_mixture_draws_sources_by_weight(tmp_path):
+    (tmp_path / "a.txt").write_text("a" * 6000)
+    (tmp_path / "b.txt").write_text("b" * 3000)
+    chars = type("Chars", (), {"__call__": lambda self, text, **kw: {"input_ids": [ord(c) for c in text]}})()
+    spec = f"{tmp_path / 'a.txt'}@1,{tmp_path / 'b.txt'}@3"
+    windows, sources = training_windows(spec, chars, 32)
+    assert isinstance(windows, Mixture)
+    assert [s["weight"] for s in sources] == [0.25, 0.75] and [s["train_tokens"] for s in sources] == [5880, 2940]
+    batches = torch.cat([windows.batch(step, 8, 0) for step in range(100)])
+    share_b = (batches[:, 0] == ord("b")).float().mean().item()
+    assert 0.68 < share_b < 0.82 and ((batches == ord("a")).all(1) | (batches == ord("b")).all(1)).all()
+    evals = windows.eval_batches(2)  # one held-out window from each source's last 2%
+    assert [int(e[0, 0]) for e in evals] == [ord("a"), ord("b")]
+    # Without weights the sources weigh by their training tokens.
+    _, by_size = training_windows(f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}", chars, 32)
+    assert [s["weight"] for s in by_size] == [0.6667, 0.3333]
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("bible@0", "must be a positive number"),
+    ("bible@x", "must be a positive number"),
+    ("bible,bible", "names a source twice"),
+    ("bible@1,essays", "every source or to none"),
+    ("bible,,essays", "an empty source"),
+])
+def test_data_spec_errors_name_the_option(spec, message):
+    with pytest.raises(ValueError, match=f"--data.*{message}"):
+        parse_data(spec)
 
 
 @pytest.mark.parametrize("groups", [1, 2])

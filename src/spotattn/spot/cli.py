@@ -18,7 +18,8 @@ import click
     default="bible",
     show_default=True,
     help="bible | essays (second half, disjoint from the needle haystack) | hf:NAME[:CONFIG] | "
-    "a .txt file or folder.",
+    "a .txt file or folder; several separated by commas, each optionally SPEC@WEIGHT (the share of "
+    "training windows drawn from it; default: by size), e.g. bible@0.5,essays@0.5.",
 )
 @click.option(
     "--out", required=True, help="Checkpoint stem: writes OUT.safetensors, OUT.json, OUT.train.log."

@@ -128,10 +128,13 @@ class Windows:
                 f"the data has {len(self.train)} training tokens, fewer than --seq-len {self.seq_len}"
             )
 
+    def window(self, rng: random.Random) -> torch.Tensor:
+        start = rng.randrange(0, len(self.train) - self.seq_len)
+        return self.train[start : start + self.seq_len]
+
     def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
         rng = random.Random(seed * 1_000_003 + step)
-        starts = [rng.randrange(0, len(self.train) - self.seq_len) for _ in range(batch_size)]
-        return torch.stack([self.train[s : s + self.seq_len] for s in starts])
+        return torch.stack([self.window(rng) for _ in range(batch_size)])
 
     def eval_batches(self, count: int) -> list[torch.Tensor]:
         source = self.eval if len(self.eval) >= self.seq_len else self.train[-self.seq_len * count :]
@@ -141,6 +144,70 @@ class Windows:
             for i in range(count)
             if i * stride + self.seq_len <= len(source)
         ]
+
+
+@dataclass
+class Mixture:
+    """Training windows from several sources (each split 98/2 on its own): each window's source is drawn by
+    ``weights``; the eval windows are shared out over the sources."""
+
+    parts: list[Windows]
+    weights: list[float]
+
+    def __post_init__(self) -> None:
+        self.train = torch.cat([w.train for w in self.parts])  # for the token counts in the log
+        self.eval = torch.cat([w.eval for w in self.parts])
+
+    def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        rng = random.Random(seed * 1_000_003 + step)
+        picks = rng.choices(range(len(self.parts)), weights=self.weights, k=batch_size)
+        return torch.stack([self.parts[i].window(rng) for i in picks])
+
+    def eval_batches(self, count: int) -> list[torch.Tensor]:
+        n = len(self.parts)
+        return [b for i, w in enumerate(self.parts) for b in w.eval_batches(max(1, count // n + (i < count % n)))]
+
+
+def parse_data(spec: str) -> list[tuple[str, float | None]]:
+    """``--data`` sources: ``SPEC`` or ``SPEC@WEIGHT``, several separated by commas (weights on all or none)."""
+    sources: list[tuple[str, float | None]] = []
+    for item in spec.split(","):
+        name, at, weight = item.strip().rpartition("@") if "@" in item else (item.strip(), "", "")
+        if not name:
+            raise ValueError(f"--data {spec!r}: an empty source; use SPEC or SPEC@WEIGHT, separated by commas")
+        value = None
+        if at:
+            try:
+                value = float(weight)
+            except ValueError:
+                value = -1.0
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"--data {spec!r}: the weight of {name!r} must be a positive number, got {weight!r}")
+        sources.append((name, value))
+    if len({n for n, _ in sources}) != len(sources):
+        raise ValueError(f"--data {spec!r} names a source twice")
+    if len({w is None for _, w in sources}) > 1:
+        raise ValueError(f"--data {spec!r}: give a weight to every source or to none")
+    return sources
+
+
+def training_windows(
+    spec: str, tokenizer, seq_len: int, max_chars: int | None = None
+) -> tuple[Windows | Mixture, list[dict]]:
+    """The windows of ``--data`` and, per source, its spec, weight and training tokens (for the log).
+    Without weights the sources weigh by their training tokens, as if their texts were joined."""
+    sources = parse_data(spec)
+    if len(sources) == 1:
+        windows = Windows(tokenize(tokenizer, load_text(sources[0][0], max_chars)), seq_len)
+        return windows, [{"data": sources[0][0], "weight": 1.0, "train_tokens": len(windows.train)}]
+    parts = [Windows(tokenize(tokenizer, load_text(name, max_chars)), seq_len) for name, _ in sources]
+    weights = [w if w is not None else float(len(p.train)) for (_, w), p in zip(sources, parts, strict=True)]
+    total = sum(weights)
+    info = [
+        {"data": name, "weight": round(w / total, 4), "train_tokens": len(p.train)}
+        for (name, _), w, p in zip(sources, weights, parts, strict=True)
+    ]
+    return Mixture(parts, weights), info
 
 
 # ------------------------------------------------------------------------------------- backbone capture
@@ -406,8 +473,9 @@ def train(
 
     from ..models import load_model
 
-    if cfg.teacher_heads not in HEAD_REDUCTIONS:  # before the model loads
+    if cfg.teacher_heads not in HEAD_REDUCTIONS:  # argument errors before the model loads
         raise ValueError(f"teacher_heads must be one of {HEAD_REDUCTIONS}, got {cfg.teacher_heads!r}")
+    parse_data(cfg.data)
     model, tokenizer = load_model(cfg.model, device=cfg.device)
     device = next(model.parameters()).device
     if tokenizer is None:
@@ -444,8 +512,7 @@ def train(
     elif resume:
         echo(f"no state at {state_path(cfg.out)}; starting from scratch")
 
-    text = load_text(cfg.data, cfg.max_chars)
-    windows = Windows(tokenize(tokenizer, text), cfg.seq_len)
+    windows, sources = training_windows(cfg.data, tokenizer, cfg.seq_len, cfg.max_chars)
     eval_batches = windows.eval_batches(cfg.eval_batches)
     capture = Capture(
         sel_cfg.block_size,
@@ -466,14 +533,17 @@ def train(
         "selector_params": selector.num_parameters(),
         "train_tokens": len(windows.train),
         "eval_tokens": len(windows.eval),
+        "sources": sources,
         "device": str(device),
         "start_step": start_step,
     }
     with log.open("a") as f:
         f.write(json.dumps(header) + "\n")
+    shares = ", ".join(f"{s['data']} {s['weight']:.0%}" for s in sources)
     echo(
         f"selector: {len(sel_cfg.layer_ids)} layers x ({sel_cfg.num_heads} heads x {sel_cfg.head_dim}), "
         f"{selector.num_parameters() / 1e6:.2f}M params; data {cfg.data}: {len(windows.train)} train tokens"
+        + (f" (windows drawn: {shares})" if len(sources) > 1 else "")
     )
 
     def save(step: int, metrics: dict) -> None:
