@@ -75,21 +75,21 @@ def test_decode_density_equals_hf_generate(tmp_path, method):
     assert densities[0][-1].max() < 1 if method != "dense" else (densities[0] == 1).all()
 
 
-@pytest.mark.parametrize("engine", [
-    "compiled",
-    pytest.param("graph", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
-])
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("engine", ["compiled", pytest.param("graph", marks=CUDA),
+                                    pytest.param("compiled graph", marks=CUDA)])
 def test_warm_up_steps_are_not_counted(tmp_path, engine):
-    """The warm-up steps of the compiled and graph engines (undone: one eager and one compiled step, or two
+    """The warm-up steps of the compiled and graph engines (undone: one eager and one compiled step, and two
     before a capture) are not counted: their decode density equals the eager engine's."""
-    model = tiny_llama(layers=2)
     budget = DualTopP(p=0.9, sink=16, recent=16, min_tokens=32)
-    if engine == "graph":
-        model = tiny_llama(hidden=256, heads=4).cuda().to(torch.bfloat16)  # head_dim 64 (a Triton size)
+    # On CUDA head_dim 64 (a Triton size).
+    model = tiny_llama(hidden=256, heads=4).cuda().to(torch.bfloat16) if "graph" in engine else tiny_llama()
     spotattn.sparsify(model, SpotConfig(checkpoint=random_selector(model, tmp_path), budget=budget, temperature=0.3))
     ids = torch.randint(1, 128, (2, 183), generator=torch.Generator().manual_seed(6)).to(model.device)
     densities = []
-    for kwargs in ({"graph": False}, {"graph": engine == "graph", "compile": engine == "compiled"}):
+    for kwargs in ({"graph": False}, {"graph": "graph" in engine, "compile": "compiled" in engine}):
         spotattn.reset_density(model)
         out = spotattn.generate(model, ids, max_new_tokens=4, **kwargs)
         assert out.engine == ("eager" if len(kwargs) == 1 else engine)

@@ -301,6 +301,12 @@ def test_a_few_training_steps_lower_the_loss(residual, heads):
     losses = []
     with Backbone(model, capture, cfg.layer_ids) as backbone:
         backbone.run(ids)
+        if heads == "max":  # the capture's teacher is the max over heads, not the mean
+            mean = Capture(16, 1, 32, torch.float32)
+            with Backbone(model, mean, cfg.layer_ids) as other:
+                other.run(ids)
+            assert not torch.allclose(capture.teacher[0], mean.teacher[0])
+            torch.testing.assert_close(capture.teacher[0].sum(-1), torch.ones_like(mean.teacher[0].sum(-1)))
         for _ in range(25):
             optim.zero_grad()
             loss = sum(layer_loss(selector.layer(i), capture.hidden[i], capture.teacher[i], chunk=32,
@@ -328,6 +334,19 @@ def test_windows_draw_the_same_batches_as_before():
     assert torch.equal(windows.batch(7, 4, 3), torch.stack([torch.arange(s, s + 64) for s in starts]))
 
 
+def test_data_spec_paths_and_weights(tmp_path):
+    odd = tmp_path / "user@host,1" / "a.txt"  # an existing path is one source, whatever its name holds
+    odd.parent.mkdir()
+    odd.write_text("x")
+    assert parse_data(str(odd)) == [(str(odd), None)]
+    at = tmp_path / "user@host" / "b.txt"  # in a list, a path may hold "@" (not a comma)
+    at.parent.mkdir()
+    at.write_text("x")
+    assert parse_data(f"{at}@2, bible @ 0.5") == [(str(at), 2.0), ("bible", 0.5)]
+    assert parse_data(f"{at},bible") == [(str(at), None), ("bible", None)]
+    assert parse_data("hf:org/set:en,/data/x@y/t.txt") == [("hf:org/set:en", None), ("/data/x@y/t.txt", None)]
+
+
 def test_data_mixture_draws_sources_by_weight(tmp_path):
     (tmp_path / "a.txt").write_text("a" * 6000)
     (tmp_path / "b.txt").write_text("b" * 3000)
@@ -341,6 +360,11 @@ def test_data_mixture_draws_sources_by_weight(tmp_path):
     assert 0.68 < share_b < 0.82 and ((batches == ord("a")).all(1) | (batches == ord("b")).all(1)).all()
     evals = windows.eval_batches(2)  # one held-out window from each source's last 2%
     assert [int(e[0, 0]) for e in evals] == [ord("a"), ord("b")]
+    assert len(windows.eval_batches(1)) == 1 and int(windows.eval_batches(1)[0][0, 0]) == ord("b")  # by weight
+    # One source: plain windows, the same batches as before mixtures existed.
+    single, _ = training_windows(str(tmp_path / "a.txt"), chars, 32)
+    assert type(single) is Windows
+    assert torch.equal(single.batch(3, 4, 0), Windows(torch.full((6000,), ord("a")), 32).batch(3, 4, 0))
     # Without weights the sources weigh by their training tokens.
     _, by_size = training_windows(f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}", chars, 32)
     assert [s["weight"] for s in by_size] == [0.6667, 0.3333]
@@ -348,7 +372,9 @@ def test_data_mixture_draws_sources_by_weight(tmp_path):
 
 @pytest.mark.parametrize(("spec", "message"), [
     ("bible@0", "must be a positive number"),
-    ("bible@x", "must be a positive number"),
+    ("bible@-1", "must be a positive number"),
+    ("bible@inf", "must be a positive number"),
+    ("bible@1e308,essays@1e308", "sum must be finite"),
     ("bible,bible", "names a source twice"),
     ("bible@1,essays", "every source or to none"),
     ("bible,,essays", "an empty source"),

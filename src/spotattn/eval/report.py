@@ -128,7 +128,7 @@ def markdown(summary: Summary, title: str = "spotattn evaluation") -> str:
         for task in s.gen_tasks:
             cells = [_pct(s.task_score("dense", n, task)) for n in s.lengths]
             lines.append(f"| {task} | " + " | ".join(cells) + " |")
-        lines.append("| **mean** | " + " | ".join(_pct(s.accuracy("dense", n)) for n in s.lengths) + " |")
+        lines.append("| **mean** | " + " | ".join(_pct(s.accuracy("dense", n), 1) for n in s.lengths) + " |")
         lines.append("")
     for length in s.lengths:
         lines += [f"## {length} tokens", ""]
@@ -197,16 +197,16 @@ def findings(s: Summary) -> list[str]:
                 continue
             kept = [p for p in points if p[1] >= dense - ACCURACY_DROP]
             lost = [p for p in points if p[1] < dense - ACCURACY_DROP]
-            text = f"- **{family}, {length} tokens** (dense {_pct(dense)}%): "
+            text = f"- **{family}, {length} tokens** (dense {_pct(dense, 1)}%): "
             if kept:
                 d, a, m = min(kept, key=lambda p: p[0])
-                text += f"keeps dense accuracy down to {_pct(d, 1)}% {_phase_word(s, m, length)} ({_pct(a)}%, `{m}`)"
+                text += f"keeps dense accuracy down to {_pct(d, 1)}% {_phase_word(s, m, length)} ({_pct(a, 1)}%, `{m}`)"
             else:
                 text += "loses accuracy at every budget tried"
             below = [p for p in lost if not kept or p[0] < min(k[0] for k in kept)]
             if below:
                 d, a, m = max(below, key=lambda p: p[0])
-                text += f"; at {_pct(d, 1)}% {_phase_word(s, m, length)} it falls to {_pct(a)}% (`{m}`)"
+                text += f"; at {_pct(d, 1)}% {_phase_word(s, m, length)} it falls to {_pct(a, 1)}% (`{m}`)"
             elif kept:
                 text += "; no budget tried loses accuracy"
             out.append(text + ".")

@@ -159,7 +159,7 @@ class GraphDecoder:
     @torch.no_grad()
     def capture(self, warmup: int = 2) -> None:
         """Warm up on a side stream (compilation, kernel compilation, autotuning, lazy buffers), undo the
-        warm-up's cache advance, and capture one step. Warm-up writes land at positions the next real
+        warm-up's cache advance and density counts, and capture one step. Warm-up writes land at positions the next real
         steps overwrite, so the cache's content is unchanged where it is ever read."""
         if not self.input_ids.is_cuda:
             raise RuntimeError("CUDA graphs need the model and cache on a CUDA device")
@@ -201,10 +201,8 @@ class GraphDecoder:
                 for name, value in store.items():
                     if name not in old:
                         value.zero_()
-                    elif value.is_contiguous():
+                    elif value.is_contiguous():  # else an expanded view the step did not touch: unchanged
                         value.copy_(old[name])
-                    else:  # an expanded view the step did not touch (the ordinary path's): the old value
-                        store[name] = old[name]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Copy ``tokens`` ``(B,)`` in and replay the captured step; returns the static logits ``(B, V)``.

@@ -18,8 +18,8 @@ import click
     default="bible",
     show_default=True,
     help="bible | essays (second half, disjoint from the needle haystack) | hf:NAME[:CONFIG] | "
-    "a .txt file or folder; several separated by commas, each optionally SPEC@WEIGHT (the share of "
-    "training windows drawn from it; default: by size), e.g. bible@0.5,essays@0.5.",
+    "a .txt file or folder; several separated by commas, each optionally SPEC@WEIGHT (relative weights: "
+    "how often a training window comes from it; default: by size), e.g. bible@1,essays@1.",
 )
 @click.option(
     "--out", required=True, help="Checkpoint stem: writes OUT.safetensors, OUT.json, OUT.train.log."
@@ -79,7 +79,7 @@ import click
 @click.option("--eval-every", type=int, default=50, show_default=True)
 @click.option("--save-every", type=int, default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-chars", type=int, default=None, help="Use at most this much text.")
+@click.option("--max-chars", type=int, default=None, help="Use at most this much text (of each --data source).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--time-limit", type=float, default=None, help="Stop (eval + save) after this many seconds.")
 @click.option("--name", default=None, help="Base-model name to record (default: --model).")

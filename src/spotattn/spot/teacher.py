@@ -17,6 +17,11 @@ from ..selection import block_sums
 HEAD_REDUCTIONS = ("mean", "max")
 
 
+def check_heads(heads: str, name: str = "heads") -> None:
+    if heads not in HEAD_REDUCTIONS:
+        raise ValueError(f"{name} must be one of {HEAD_REDUCTIONS}, got {heads!r}")
+
+
 def teacher_block_probs(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -29,7 +34,7 @@ def teacher_block_probs(
     out_dtype: torch.dtype = torch.float32,
     heads: str = "mean",
 ) -> torch.Tensor:
-    """Head-averaged attention mass per key block, ``(B, G, Lq, NB)``.
+    """Attention mass per key block, reduced over query heads, ``(B, G, Lq, NB)``.
 
     ``query`` ``(B, Hq, Lq, D)`` and ``key`` ``(B, Hkv, Lk, D)`` are post-RoPE; queries are the last Lq
     positions of the keys. ``num_groups`` 1 averages over all query heads; Hkv averages within each group.
@@ -39,8 +44,7 @@ def teacher_block_probs(
     hkv, lk = key.shape[1], key.shape[2]
     if num_groups not in (1, hkv):
         raise ValueError(f"num_groups must be 1 or the number of kv heads ({hkv}), got {num_groups}")
-    if heads not in HEAD_REDUCTIONS:
-        raise ValueError(f"heads must be one of {HEAD_REDUCTIONS}, got {heads!r}")
+    check_heads(heads)
     rep = hq // hkv
     offset = lk - lq
     nb = -(-lk // block_size)

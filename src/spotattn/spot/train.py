@@ -32,8 +32,8 @@ from ..types import DualTopP
 from .checkpoint import fingerprint, load_selector, read_meta, save_selector
 from .selector import Selector, SelectorLayer, block_log_probs, config_for_model
 from .teacher import (
-    HEAD_REDUCTIONS,
     block_recall,
+    check_heads,
     forward_kl,
     residual_blocks,
     residual_kl,
@@ -149,14 +149,10 @@ class Windows:
 @dataclass
 class Mixture:
     """Training windows from several sources (each split 98/2 on its own): each window's source is drawn by
-    ``weights``; the eval windows are shared out over the sources."""
+    ``weights``, and the eval windows are shared out over the sources by weight."""
 
     parts: list[Windows]
     weights: list[float]
-
-    def __post_init__(self) -> None:
-        self.train = torch.cat([w.train for w in self.parts])  # for the token counts in the log
-        self.eval = torch.cat([w.eval for w in self.parts])
 
     def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
         rng = random.Random(seed * 1_000_003 + step)
@@ -164,50 +160,60 @@ class Mixture:
         return torch.stack([self.parts[i].window(rng) for i in picks])
 
     def eval_batches(self, count: int) -> list[torch.Tensor]:
-        n = len(self.parts)
-        return [b for i, w in enumerate(self.parts) for b in w.eval_batches(max(1, count // n + (i < count % n)))]
+        # Largest remainder: exactly ``count`` windows, each source's number in proportion to its weight.
+        total = sum(self.weights)
+        exact = [count * w / total for w in self.weights]
+        shares = [math.floor(x) for x in exact]
+        by_remainder = sorted(range(len(exact)), key=lambda i: shares[i] - exact[i])
+        for i in by_remainder[: count - sum(shares)]:
+            shares[i] += 1
+        return [b for n, w in zip(shares, self.parts, strict=True) if n for b in w.eval_batches(n)]
 
 
 def parse_data(spec: str) -> list[tuple[str, float | None]]:
-    """``--data`` sources: ``SPEC`` or ``SPEC@WEIGHT``, several separated by commas (weights on all or none)."""
+    """``--data`` sources: ``SPEC`` or ``SPEC@WEIGHT``, several separated by commas (weights on all or none).
+    An existing path is always one source, whatever its name holds; a suffix ``@X`` is a weight only when X is
+    a number."""
+    items = [spec] if Path(spec).exists() else spec.split(",")
     sources: list[tuple[str, float | None]] = []
-    for item in spec.split(","):
-        name, at, weight = item.strip().rpartition("@") if "@" in item else (item.strip(), "", "")
+    for item in (i.strip() for i in items):
+        name, weight = item, None
+        head, at, tail = item.rpartition("@")
+        if at and not Path(item).exists():
+            try:
+                weight = float(tail)
+            except ValueError:
+                pass  # not a weight: the whole item names the source
+            else:
+                name = head.strip()
+                if not (weight > 0 and math.isfinite(weight)):
+                    raise ValueError(f"--data {spec!r}: the weight of {name!r} must be a positive number, got {tail!r}")
         if not name:
             raise ValueError(f"--data {spec!r}: an empty source; use SPEC or SPEC@WEIGHT, separated by commas")
-        value = None
-        if at:
-            try:
-                value = float(weight)
-            except ValueError:
-                value = -1.0
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"--data {spec!r}: the weight of {name!r} must be a positive number, got {weight!r}")
-        sources.append((name, value))
+        sources.append((name, weight))
     if len({n for n, _ in sources}) != len(sources):
         raise ValueError(f"--data {spec!r} names a source twice")
     if len({w is None for _, w in sources}) > 1:
         raise ValueError(f"--data {spec!r}: give a weight to every source or to none")
+    if not math.isfinite(sum(w or 0.0 for _, w in sources)):
+        raise ValueError(f"--data {spec!r}: the weights' sum must be finite")
     return sources
 
 
 def training_windows(
     spec: str, tokenizer, seq_len: int, max_chars: int | None = None
 ) -> tuple[Windows | Mixture, list[dict]]:
-    """The windows of ``--data`` and, per source, its spec, weight and training tokens (for the log).
-    Without weights the sources weigh by their training tokens, as if their texts were joined."""
+    """The windows of ``--data`` (``max_chars`` caps each source's text) and, per source, its spec, share of
+    the training windows and token counts (for the log). Without weights the sources weigh by their
+    training tokens, as if their texts were joined; one source is plain :class:`Windows`."""
     sources = parse_data(spec)
-    if len(sources) == 1:
-        windows = Windows(tokenize(tokenizer, load_text(sources[0][0], max_chars)), seq_len)
-        return windows, [{"data": sources[0][0], "weight": 1.0, "train_tokens": len(windows.train)}]
     parts = [Windows(tokenize(tokenizer, load_text(name, max_chars)), seq_len) for name, _ in sources]
     weights = [w if w is not None else float(len(p.train)) for (_, w), p in zip(sources, parts, strict=True)]
-    total = sum(weights)
     info = [
-        {"data": name, "weight": round(w / total, 4), "train_tokens": len(p.train)}
+        {"data": name, "weight": round(w / sum(weights), 4), "train_tokens": len(p.train), "eval_tokens": len(p.eval)}
         for (name, _), w, p in zip(sources, weights, parts, strict=True)
     ]
-    return Mixture(parts, weights), info
+    return (parts[0] if len(parts) == 1 else Mixture(parts, weights)), info
 
 
 # ------------------------------------------------------------------------------------- backbone capture
@@ -473,8 +479,7 @@ def train(
 
     from ..models import load_model
 
-    if cfg.teacher_heads not in HEAD_REDUCTIONS:  # argument errors before the model loads
-        raise ValueError(f"teacher_heads must be one of {HEAD_REDUCTIONS}, got {cfg.teacher_heads!r}")
+    check_heads(cfg.teacher_heads, "teacher_heads")  # argument errors before the model loads
     parse_data(cfg.data)
     model, tokenizer = load_model(cfg.model, device=cfg.device)
     device = next(model.parameters()).device
@@ -526,13 +531,14 @@ def train(
         if device.type == "cuda"
         else torch.autocast("cpu", enabled=False)
     )
+    train_tokens = sum(src["train_tokens"] for src in sources)
     header = {
         "event": "start",
         "config": asdict(cfg),
         "selector": sel_cfg.to_dict(),
         "selector_params": selector.num_parameters(),
-        "train_tokens": len(windows.train),
-        "eval_tokens": len(windows.eval),
+        "train_tokens": train_tokens,
+        "eval_tokens": sum(src["eval_tokens"] for src in sources),
         "sources": sources,
         "device": str(device),
         "start_step": start_step,
@@ -542,7 +548,7 @@ def train(
     shares = ", ".join(f"{s['data']} {s['weight']:.0%}" for s in sources)
     echo(
         f"selector: {len(sel_cfg.layer_ids)} layers x ({sel_cfg.num_heads} heads x {sel_cfg.head_dim}), "
-        f"{selector.num_parameters() / 1e6:.2f}M params; data {cfg.data}: {len(windows.train)} train tokens"
+        f"{selector.num_parameters() / 1e6:.2f}M params; data {cfg.data}: {train_tokens} train tokens"
         + (f" (windows drawn: {shares})" if len(sources) > 1 else "")
     )
 
