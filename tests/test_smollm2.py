@@ -75,6 +75,23 @@ def test_generate_cli_static_engine_with_the_shipped_selector(smollm2):
     assert hf.stdout.strip() and hf.stdout == result.stdout  # the same greedy text from both engines
 
 
+def test_demo_cli_compares_dense_oracle_and_spot(smollm2):
+    """The README's first command's demo, at 1K tokens: dense, the oracle and the shipped selector by default;
+    ``--method`` (even ``dense``) runs that one method after dense."""
+    from click.testing import CliRunner
+
+    from spotattn.cli import main
+
+    result = CliRunner().invoke(main, ["demo", "--tokens", "1024", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split()[0] for line in result.output.splitlines() if " s) [" in line]
+    assert rows == ["dense", "oracle", "spot"], result.output
+    assert "spot read" in result.output and "in decode" in result.output
+    quest = CliRunner().invoke(main, ["demo", "--tokens", "1024", "--device", "cpu", "--method", "quest"])
+    assert quest.exit_code == 0, quest.output
+    assert [line.split()[0] for line in quest.output.splitlines() if " s) [" in line] == ["dense", "quest"]
+
+
 def test_train_cli_on_a_weighted_mixture_with_the_max_teacher(smollm2, tmp_path):
     """``spotattn train`` end to end on the real model: two weighted text sources, the max-over-heads teacher,
     two steps; the log names each source's share and the checkpoint loads onto the model."""

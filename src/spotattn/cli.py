@@ -68,12 +68,19 @@ def build_config(method: str, budget: str | None, block_size: int | None, pairs:
         raise click.BadParameter(str(exc), param_hint="--method/--set") from exc
 
 
-def method_options(fn):
+def method_options(fn=None, *, method_default: str | None = "dense", method_help: str = ""):
+    """The method options of ``generate`` and ``demo`` (the demo's default is its own comparison)."""
+    if fn is None:
+        return lambda f: method_options(f, method_default=method_default, method_help=method_help)
     fn = click.option("--set", "pairs", multiple=True, metavar="KEY=VALUE", help="Other method options.")(fn)
     fn = click.option("--block-size", type=int, default=None, help="Key block size (16..256, power of two).")(fn)
-    fn = click.option("--budget", default=None, help="topk:TOKENS | topp:P | dual_topp:P[,sink=..,recent=..].")(fn)
+    budgets = "topk:TOKENS | topp:P | dual_topp:P[,sink=..,recent=..,min_tokens=..,max_tokens=..]."
+    fn = click.option("--budget", default=None, help=budgets)(fn)
     fn = click.option(
-        "--method", default="dense", show_default=True, help=f"One of: {', '.join(available_methods())}."
+        "--method",
+        default=method_default,
+        show_default=method_default is not None,
+        help=f"One of: {', '.join(available_methods())}.{method_help}",
     )(fn)
     return fn
 
@@ -198,15 +205,15 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> torch.Tensor:
 @click.option("--tokens", type=int, default=4096, show_default=True, help="Prompt length.")
 @click.option("--depth", type=float, default=0.5, show_default=True, help="Needle depth in [0, 1].")
 @click.option("--device", default="auto", show_default=True)
-@method_options
+@method_options(method_default=None, method_help=" Default: dense, the oracle and spot side by side.")
 def demo(tokens, depth, device, method, budget, block_size, pairs) -> None:
     """Needle in a haystack on SmolLM2 (offline): dense, the oracle and spot side by side (or --method)."""
     from .demo import run_demo
 
-    if method == "dense" and budget is None and block_size is None and not pairs:
+    if method is None and budget is None and block_size is None and not pairs:
         config = None  # the demo default: the oracle and the shipped spot selector
     else:
-        config = build_config(method, budget, block_size, pairs)
+        config = build_config(method or "dense", budget, block_size, pairs)
     run_demo(tokens=tokens, depth=depth, device=device, config=config, echo=click.echo)
 
 
