@@ -345,6 +345,32 @@ def test_findings_use_decode_density_for_methods_with_dense_prefill():
     assert "20.0% decode density" in text and "99.0% density" in text
 
 
+def test_report_pairs_methods_on_the_same_prompts():
+    from spotattn.eval.report import Summary, markdown, paired, sign_test
+
+    def rec(method: str, sample: int, score: float, decode: float) -> dict:
+        return {"method": method, "method_name": method.split(":")[0], "length": 2048, "task": "passkey",
+                "kind": "generate", "sample": sample, "depth": None, "score": score,
+                "density": {"prefill": 1.0, "decode": decode, "all": 0.99}}
+
+    dense = [1, 1, 1, 0, 0, 1, 1, 1, 1, 1]
+    spot = [1, 0, 0, 0, 1, 0, 0, 0, 0, 1]  # 1 win, 6 losses against dense
+    twilight = [1, 1, 1, 0, 0, 1, 1, 1, 0, 1]  # at about spot's density: 1 win, 5 losses for spot
+    far = [1] * 10  # a density far from spot's: not paired with it
+    records = [rec("dense", i, x, 1.0) for i, x in enumerate(dense)]
+    records += [rec("spot:topk=64", i, x, 0.10) for i, x in enumerate(spot)]
+    records += [rec("twilight", i, x, 0.105) for i, x in enumerate(twilight)]
+    records += [rec("quest:topk=512", i, x, 0.5) for i, x in enumerate(far[:9])]
+    s = Summary(records)
+    assert paired(s, "spot:topk=64", "dense", 2048) == (10, 1, 6)
+    assert paired(s, "quest:topk=512", "dense", 2048) == (9, 2, 0)  # only the prompts both answered
+    assert sign_test(1, 6) == pytest.approx(2 * 8 / 128) and sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    text = markdown(s).split("## Paired on the same prompts")[1].split("## Plots")[0]
+    assert "| 2048 | `spot:topk=64` | `dense` | 10.0 / 100.0 | 10 | 1 / 6 | 0.12 |" in text
+    assert "| 2048 | `spot:topk=64` | `twilight` | 10.0 / 10.5 | 10 | 1 / 5 | 0.22 |" in text
+    assert "`quest:topk=512` | `twilight`" not in text and "`spot:topk=64` | `quest" not in text
+
+
 def test_sample_depths_do_not_depend_on_the_sample_count() -> None:
     depths = [runner_mod.sample_depth("niah_single", i) for i in range(17)]
     assert depths[:5] == [0.0, 1.0, 0.5, 0.25, 0.75]

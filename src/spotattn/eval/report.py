@@ -156,6 +156,7 @@ def markdown(summary: Summary, title: str = "spotattn evaluation") -> str:
     lines += ["## Where accuracy starts to fall", ""]
     lines += findings(s) or ["(needs dense and at least one sparse method on generation tasks)"]
     lines.append("")
+    lines += paired_table(s)
     lines += ["## Plots", "", "![accuracy against density](accuracy_vs_density.png)", "",
               "![density per layer](density_per_layer.png)", "",
               "![recall by needle depth](recall_by_depth.png)", ""]
@@ -211,6 +212,57 @@ def findings(s: Summary) -> list[str]:
                 text += "; no budget tried loses accuracy"
             out.append(text + ".")
     return out
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven if either side were as likely."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired(s: Summary, a: str, b: str, length: int) -> tuple[int, int, int]:
+    """Generation prompts both methods answered, and on how many ``a`` scored above ``b`` and below it."""
+    def scores(method: str) -> dict[tuple, float]:
+        return {(r["task"], r.get("sample"), r.get("depth")): r["score"] for t in s.gen_tasks
+                for r in s.cell(method, length, t) if r.get("score") is not None}
+
+    sa, sb = scores(a), scores(b)
+    common = sa.keys() & sb.keys()
+    return len(common), sum(sa[k] > sb[k] for k in common), sum(sa[k] < sb[k] for k in common)
+
+
+def equal_density(da: float, db: float) -> bool:
+    """Densities close enough to compare at: within a point, or a tenth of the larger one."""
+    return abs(da - db) <= max(0.01, 0.1 * max(da, db))
+
+
+def paired_table(s: Summary) -> list[str]:
+    """Every sparse method against dense, and against each method of another family at equal density, on
+    the prompts both answered: wins, losses and the sign test's p (a small p: the gap is unlikely chance)."""
+    rows = []
+    for length in s.lengths:
+        sparse = [(m, s.sparse_density(m, length)) for m in s.methods if m != "dense" and s._all(m, length)]
+        pairs = [(m, "dense") for m, _ in sparse] if s._all("dense", length) else []
+        pairs += [(a, b) for i, (a, da) in enumerate(sparse) for b, db in sparse[i + 1:]
+                  if s.family[a] != s.family[b] and da is not None and db is not None and equal_density(da, db)]
+        for a, b in pairs:
+            n, wins, losses = paired(s, a, b, length)
+            if n:
+                density = " / ".join(_pct(s.sparse_density(m, length), 1) for m in (a, b))
+                rows.append(f"| {length} | `{a}` | `{b}` | {density} | {n} | {wins} / {losses} | "
+                            f"{sign_test(wins, losses):.2f} |")
+    if not rows:
+        return []
+    head = ["## Paired on the same prompts", "",
+            "Wins / losses: prompts the first method scores above / below the second; the rest tie. p: two-sided "
+            "exact sign test over the prompts that differ. Methods of different families are paired when their "
+            "densities are within a point or a tenth of each other.", "",
+            "| length | method | against | density (%) | prompts | wins / losses | p |",
+            "|---:|---|---|---|---:|---:|---:|"]
+    return head + rows + [""]
 
 
 # Options that only set how much a method reads: runs differing in these lie on one curve.
