@@ -278,6 +278,39 @@ def _run(model, tok, out: Path, tasks: str):
                     model_name="tiny", progress=False)
 
 
+def test_jobs_split_methods_over_workers_sharing_one_results_file(tmp_path: Path, tiny_model) -> None:
+    """``--jobs 2``: the same records as one process (two workers, one results file, whole lines), then a
+    rerun computes nothing; a failing worker's log is shown."""
+    from spotattn.cli import main
+    from spotattn.eval.jobs import split_methods
+
+    assert split_methods(["a", "b", "c"], 2) == [["a", "c"], ["b"]] and split_methods(["a"], 4) == [["a"]]
+    model, tok = tiny_model
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    methods = "dense;oracle:topk=64,block_size=16;oracle:topp=0.5,block_size=16"
+    args = ["eval", "--model", str(folder), "--methods", methods, "--tasks", "passkey,ppl", "--lengths", "256",
+            "--samples", "2", "--device", "cpu", "--no-progress"]
+    result = CliRunner().invoke(main, [*args, "--jobs", "2", "--out", str(tmp_path / "two")])
+    assert result.exit_code == 0, result.output
+    assert "worker 0: dense; oracle:topp=0.5,block_size=16" in result.output and "report:" in result.output
+    one = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+
+    def records(name: str) -> dict:
+        rows = [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+        return {r["key"]: (r.get("output"), r.get("score"), r.get("ppl"), r["density"]) for r in rows}
+
+    assert records("two") == records("one") and len(records("two")) == 12
+    assert (tmp_path / "two" / "report" / "report.md").exists()
+    again = CliRunner().invoke(main, [*args, "--jobs", "2", "--out", str(tmp_path / "two")])
+    assert again.exit_code == 0 and len((tmp_path / "two" / "results.jsonl").read_text().splitlines()) == 12
+    bad = CliRunner().invoke(main, [*args[:2], str(tmp_path / "missing"), *args[3:], "--jobs", "2",
+                                    "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "worker 0 exited with" in bad.output and "worker-0.log" in bad.output
+
+
 def test_runner_records_and_resumes(tmp_path: Path, tiny_model, monkeypatch) -> None:
     model, tok = tiny_model
     first = _run(model, tok, tmp_path, "ppl")

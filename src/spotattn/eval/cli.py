@@ -41,8 +41,13 @@ METHODS_HELP = (
 @click.option("--time-limit", type=float, default=None,
               help="Stop starting new samples after this many seconds.")
 @click.option("--report-only", is_flag=True, help="Only rebuild the report from OUT/results.jsonl.")
+@click.option("--report/--no-report", default=True, show_default=True,
+              help="Write OUT/report/ at the end (--report-only rebuilds it later).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes, each running a share of the methods with its own copy of the model, all "
+              "appending to OUT/results.jsonl (logs in OUT/jobs/). Keeps a GPU busy with a small model.")
 def eval_command(model_name, methods, tasks, lengths, samples, out, seed, device, dtype, allow_beyond_window,
-                 recall, engine, progress, time_limit, report_only) -> None:
+                 recall, engine, progress, time_limit, report_only, report, jobs) -> None:
     """Long-context tasks under sparse methods against dense: accuracy, fidelity, density, recall."""
     from .report import write_report
 
@@ -50,15 +55,49 @@ def eval_command(model_name, methods, tasks, lengths, samples, out, seed, device
         path = write_report(out, out / "report")
         click.echo(f"report: {path}")
         return
+    if jobs > 1:
+        _run_jobs(jobs, model_name, methods, tasks, lengths, samples, out, seed, device, dtype,
+                  allow_beyond_window, recall, engine, progress, time_limit)
+        if report:
+            click.echo(f"report: {write_report(out, out / 'report')}")
+        return
     from .runner import evaluate
 
     try:
         result = evaluate(
             model_name, methods=methods, tasks=tasks, lengths=lengths, samples=samples, out=out, seed=seed,
             device=device, dtype=dtype, allow_beyond_window=allow_beyond_window, recall=recall,
-            progress=progress, time_limit=time_limit, engine=engine,
+            progress=progress, time_limit=time_limit, engine=engine, report=report,
         )
     except EvalArgumentError as exc:
         raise click.BadParameter(exc.detail, param_hint=exc.param) from exc
     click.echo(f"{result.computed} items computed, {result.skipped} already in {result.path}")
-    click.echo(f"report: {out / 'report' / 'report.md'}")
+    if report:
+        click.echo(f"report: {out / 'report' / 'report.md'}")
+
+
+def _run_jobs(jobs, model_name, methods, tasks, lengths, samples, out, seed, device, dtype, allow_beyond_window,
+              recall, engine, progress, time_limit) -> None:
+    """``--jobs N``: the arguments checked here, then this same command per share of the methods."""
+    from .jobs import run_workers, split_methods
+    from .runner import check_engine, check_samples, parse_lengths, parse_methods, parse_tasks
+
+    try:
+        check_samples(samples)
+        task_list, length_list = parse_tasks(tasks), parse_lengths(lengths)
+        specs = parse_methods(methods)
+        check_engine(engine, specs, recall)
+    except EvalArgumentError as exc:
+        raise click.BadParameter(exc.detail, param_hint=exc.param) from exc
+    shared = ["--model", model_name, "--tasks", tasks, "--lengths", lengths, "--samples", str(samples),
+              "--out", str(out), "--seed", str(seed), "--device", device, "--dtype", dtype, "--engine", engine,
+              "--recall" if recall else "--no-recall", "--no-progress", "--no-report", "--jobs", "1"]
+    shared += ["--allow-beyond-window"] if allow_beyond_window else []
+    shared += ["--time-limit", str(time_limit)] if time_limit is not None else []
+    groups = split_methods([s.label for s in specs], jobs)
+    total = len(specs) * len(task_list) * len(length_list) * samples
+    try:
+        run_workers(groups, lambda group: ["eval", "--methods", ";".join(group), *shared], out, total,
+                    echo=click.echo, progress=progress)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc

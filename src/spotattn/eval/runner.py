@@ -13,7 +13,8 @@ import math
 import time
 import warnings
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,11 @@ from ..methods import DenseConfig, MethodConfig, make_config
 from ..tasks import ANSWER_TOKENS, DEPTH_TASKS, TASKS, TaskSample, build_task
 from ..types import DualTopP, TopK, TopP
 from .metrics import RecallRecorder, density_summary, kl_divergence, token_nll, top1_agreement
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: there a results file has one writer (no --jobs)
+    fcntl = None
 
 RESULTS_FILE = "results.jsonl"
 BUDGET_KEYS = {"topp": TopP, "topk": TopK, "dual_topp": DualTopP}
@@ -379,6 +385,19 @@ def run_item(
     return out, logits
 
 
+@contextmanager
+def _exclusive(sink) -> Iterator[None]:
+    """Hold an exclusive lock on an open results file while appending (a whole record per lock)."""
+    if fcntl is None:
+        yield
+        return
+    fcntl.flock(sink.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(sink.fileno(), fcntl.LOCK_UN)
+
+
 def run_eval(
     model,
     tokenizer,
@@ -429,8 +448,10 @@ def run_eval(
     started = time.monotonic()
     try:
         with path.open("a", encoding="utf-8") as sink:
-            if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-                sink.write("\n")  # a torn last line (interrupted write) must not swallow the next record
+            with _exclusive(sink):
+                if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+                    sink.write("\n")  # a torn last line (interrupted write) must not swallow the next record
+                    sink.flush()
             for task, length, index in plan:
                 depth = sample_depth(task, index)
                 keys = {s.label: item_key(model_name, task, length, index, seed, depth, s.label) for s in specs}
@@ -468,8 +489,9 @@ def run_eval(
                         **result,
                     }
                     record = _clean(record)
-                    sink.write(json.dumps(record) + "\n")
-                    sink.flush()
+                    with _exclusive(sink):  # worker processes of --jobs append to the same file
+                        sink.write(json.dumps(record) + "\n")
+                        sink.flush()
                     done[key] = record
                     computed += 1
                     bar.update(1)
