@@ -306,6 +306,11 @@ def test_jobs_split_methods_over_workers_sharing_one_results_file(tmp_path: Path
     assert (tmp_path / "two" / "report" / "report.md").exists()
     again = CliRunner().invoke(main, [*args, "--jobs", "2", "--out", str(tmp_path / "two")])
     assert again.exit_code == 0 and len((tmp_path / "two" / "results.jsonl").read_text().splitlines()) == 12
+    for jobs in ("1", "2"):  # the model spelled another way: refused before any worker or model starts
+        other = CliRunner().invoke(main, [*args[:2], str(folder) + "/", *args[3:], "--jobs", jobs,
+                                          "--out", str(tmp_path / "two")])
+        assert other.exit_code != 0 and "Invalid value for --out" in other.output, other.output
+        assert "holds results of --model" in other.output and "worker 0" not in other.output
     bad = CliRunner().invoke(main, [*args[:2], str(tmp_path / "missing"), *args[3:], "--jobs", "2",
                                     "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "worker 0 exited with" in bad.output and "worker-0.log" in bad.output
@@ -361,6 +366,14 @@ def test_runner_records_and_resumes(tmp_path: Path, tiny_model, monkeypatch) -> 
     for png in ("accuracy_vs_density.png", "density_per_layer.png", "recall_by_depth.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
     assert json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])["model"] == "tiny"
+
+    # The same model under another --model spelling would not resume, and its records would be averaged
+    # into the same methods' rows: refused, with the file untouched.
+    before = (tmp_path / "results.jsonl").read_bytes()
+    with pytest.raises(EvalArgumentError, match=r"--out: .* holds results of --model 'tiny', not 'other'"):
+        run_eval(model, tok, methods=METHODS, tasks="ppl", lengths="256", samples=2, out=tmp_path,
+                 model_name="other", progress=False)
+    assert (tmp_path / "results.jsonl").read_bytes() == before
 
 
 def test_findings_use_decode_density_for_methods_with_dense_prefill():

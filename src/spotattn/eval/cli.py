@@ -80,9 +80,18 @@ def _run_jobs(jobs, model_name, methods, tasks, lengths, samples, out, seed, dev
               recall, engine, progress, time_limit) -> None:
     """``--jobs N``: the arguments checked here, then this same command per share of the methods."""
     from .jobs import run_workers, split_methods
-    from .runner import check_engine, check_samples, parse_lengths, parse_methods, parse_tasks
+    from .runner import (
+        RESULTS_FILE,
+        check_engine,
+        check_results_model,
+        check_samples,
+        parse_lengths,
+        parse_methods,
+        parse_tasks,
+    )
 
     try:
+        check_results_model(out / RESULTS_FILE, model_name)
         check_samples(samples)
         task_list, length_list = parse_tasks(tasks), parse_lengths(lengths)
         specs = parse_methods(methods)

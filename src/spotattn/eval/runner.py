@@ -398,6 +398,22 @@ def _exclusive(sink) -> Iterator[None]:
         fcntl.flock(sink.fileno(), fcntl.LOCK_UN)
 
 
+def check_results_model(path: Path, model_name: str, records: Iterable[dict] | None = None) -> None:
+    """Refuse to add ``model_name``'s records to a results file holding another model's: the report groups
+    records by method only, so they would be averaged together (and a path spelled differently resumes
+    nothing). ``records``: the file's, when already read."""
+    if records is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # run_eval reads the file again and warns about a torn line
+            records = read_results(path)
+    others = sorted({str(r["model"]) for r in records if "model" in r} - {model_name})
+    if others:
+        raise EvalArgumentError(
+            "--out", f"{path} holds results of --model {others[0]!r}, not {model_name!r}; pass the same "
+            "--model (spelled the same) to resume those, or give this model its own --out"
+        )
+
+
 def run_eval(
     model,
     tokenizer,
@@ -435,6 +451,7 @@ def run_eval(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RESULTS_FILE
     done = {r["key"]: r for r in read_results(path) if "key" in r}
+    check_results_model(path, model_name, done.values())
 
     plan = [(t, n, i) for i in range(samples) for n in length_list for t in task_names]
     all_keys = [item_key(model_name, t, n, i, seed, sample_depth(t, i), s.label)
@@ -527,6 +544,7 @@ def evaluate(
     parse_tasks(tasks)
     parse_lengths(lengths)
     check_engine(engine, parse_methods(methods), recall)
+    check_results_model(Path(out) / RESULTS_FILE, model_name)  # before the model loads
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
     result = run_eval(
         model, tokenizer, methods=methods, tasks=tasks, lengths=lengths, samples=samples, out=out, seed=seed,
