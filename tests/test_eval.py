@@ -206,6 +206,8 @@ def test_method_specs() -> None:
     assert dual.config.budget == DualTopP(0.8, sink=64, recent=128, min_tokens=256)
     assert parse_methods([OracleConfig(budget=TopP(0.5))])[0].label.startswith("oracle:topp=0.5")
     assert parse_lengths("2k,4K,3000") == [2048, 4096, 3000]
+    twilight = parse_methods("twilight:candidates=2048,p=0.9")[0].config  # a token budget as a plain number
+    assert twilight.candidates == TopK(2048) and twilight.p == 0.9
 
 
 @pytest.mark.parametrize(
@@ -217,6 +219,8 @@ def test_method_specs() -> None:
         ("oracle:sink=4", "need a dual_topp=P budget"),
         ("dense,dense", "given twice"),
         ("block_size=16", "before any method name"),
+        ("twilight:candidates=0", "TopK.tokens must be a positive integer"),
+        ("twilight:candidates=1.5", "candidates must be a TopK token budget"),
     ],
 )
 def test_bad_method_specs(spec: str, message: str) -> None:

@@ -7,6 +7,7 @@ keeps the dense reference logits of the perplexity task in memory for KL and top
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from ..integration import reset_density, sparsify, unsparsify
-from ..methods import DenseConfig, MethodConfig, make_config
+from ..methods import DenseConfig, MethodConfig, make_config, method_class
 from ..tasks import ANSWER_TOKENS, DEPTH_TASKS, TASKS, TaskSample, build_task
 from ..types import DualTopP, TopK, TopP
 from .metrics import RecallRecorder, density_summary, kl_divergence, token_nll, top1_agreement
@@ -95,10 +96,24 @@ def parse_method_spec(text: str) -> MethodSpec:
     try:
         if budget is not None:
             options["budget"] = BUDGET_KEYS[budget[0]](budget[1], **dual)
+        options = _token_budgets(name, options)
         config = make_config(name, **options)
     except (ValueError, TypeError) as exc:
         raise EvalArgumentError("--methods", f"{text!r}: {exc}") from exc
     return MethodSpec(text, config)
+
+
+def _token_budgets(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A whole number given for a config field whose default is a ``TopK`` (Twilight's ``candidates``)
+    becomes ``TopK(number)``: ``twilight:candidates=2048``."""
+    try:
+        fields = dataclasses.fields(method_class(name).Config)
+    except ValueError:
+        return options  # an unknown method: make_config names the allowed ones
+    token_fields = {f.name for f in fields if f.default_factory is not dataclasses.MISSING
+                    and isinstance(f.default_factory(), TopK)}
+    return {key: TopK(value) if key in token_fields and type(value) is int else value
+            for key, value in options.items()}
 
 
 def split_method_specs(text: str) -> list[str]:
