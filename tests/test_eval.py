@@ -208,6 +208,7 @@ def test_method_specs() -> None:
     assert parse_lengths("2k,4K,3000") == [2048, 4096, 3000]
     twilight = parse_methods("twilight:candidates=2048,p=0.9")[0].config  # a token budget as a plain number
     assert twilight.candidates == TopK(2048) and twilight.p == 0.9
+    assert parse_methods("quest:budget=1024")[0].config.budget == TopK(1024)
 
 
 @pytest.mark.parametrize(
@@ -221,6 +222,8 @@ def test_method_specs() -> None:
         ("block_size=16", "before any method name"),
         ("twilight:candidates=0", "TopK.tokens must be a positive integer"),
         ("twilight:candidates=1.5", "candidates must be a TopK token budget"),
+        ("twilight:candidates=true", "candidates must be a TopK token budget"),
+        ("quest:budget=1024,topk=512", "gives two budgets"),
     ],
 )
 def test_bad_method_specs(spec: str, message: str) -> None:
@@ -310,11 +313,18 @@ def test_jobs_split_methods_over_workers_sharing_one_results_file(tmp_path: Path
     assert (tmp_path / "two" / "report" / "report.md").exists()
     again = CliRunner().invoke(main, [*args, "--jobs", "2", "--out", str(tmp_path / "two")])
     assert again.exit_code == 0 and len((tmp_path / "two" / "results.jsonl").read_text().splitlines()) == 12
-    for jobs in ("1", "2"):  # the model spelled another way: refused before any worker or model starts
-        other = CliRunner().invoke(main, [*args[:2], str(folder) + "/", *args[3:], "--jobs", jobs,
-                                          "--out", str(tmp_path / "two")])
-        assert other.exit_code != 0 and "Invalid value for --out" in other.output, other.output
-        assert "holds results of --model" in other.output and "worker 0" not in other.output
+    import spotattn.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(spotattn.models, "load_model", no_load)
+        for jobs in ("1", "2"):  # the model spelled another way: refused before any worker or model starts
+            other = CliRunner().invoke(main, [*args[:2], str(folder) + "/", *args[3:], "--jobs", jobs,
+                                              "--out", str(tmp_path / "two")])
+            assert other.exit_code != 0 and "Invalid value for --out" in other.output, other.output
+            assert "holds results of --model" in other.output and "worker 0" not in other.output
     bad = CliRunner().invoke(main, [*args[:2], str(tmp_path / "missing"), *args[3:], "--jobs", "2",
                                     "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "worker 0 exited with" in bad.output and "worker-0.log" in bad.output

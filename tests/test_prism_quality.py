@@ -201,3 +201,8 @@ def test_prism_quality_refuses_a_length_past_the_window_before_any_work(tmp_path
         prism_quality("tiny", **kwargs)
     assert info.value.param == "--length"
     assert not out.exists()  # refused before the curves were computed or any file was written
+    out.mkdir()
+    (out / "results.jsonl").write_text('{"key": "other|ppl|2048|0", "model": "other"}\n')
+    with pytest.raises(EvalArgumentError, match="holds results of --model 'other', not 'tiny'") as info:
+        prism_quality("tiny", **kwargs)  # another model's folder: refused before the window check and the curves
+    assert info.value.param == "--out" and sorted(p.name for p in out.iterdir()) == ["results.jsonl"]

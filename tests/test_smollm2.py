@@ -134,3 +134,21 @@ def test_cli_rejects_bad_method_options():
     assert result.exit_code != 0 and "method 'oracle' has no static decode path" in result.output
     result = runner.invoke(main, ["generate", "--method", "oracle", "--compile", "--prompt", "x"])
     assert result.exit_code != 0 and "--compile needs the static engine" in result.output
+
+
+def test_selector_recall_for_any_budget(smollm2):
+    """``spot.evaluate``'s recall on the real model and the shipped selector: a budget past the length reads
+    everything; a small one recalls no more than the exact top blocks of the same count; per-layer lists."""
+    from spotattn.spot import evaluate
+    from spotattn.types import TopK
+
+    model, tokenizer = smollm2
+    ids = build_needle_prompt(tokenizer, 512, depth=0.5).input_ids
+    settings = {"all": (TopK(10**6), "bf16", 1.0), "small": (TopK(96), "int4", 0.4)}
+    out = evaluate.attention_recall(model, ids, None, settings, last=16)
+    assert out["all"]["recall"] == pytest.approx(1.0) and out["all"]["density"] == pytest.approx(1.0)
+    small = out["small"]
+    assert len(small["recall_layers"]) == model.config.num_hidden_layers
+    assert small["recall"] == pytest.approx(sum(small["recall_layers"]) / len(small["recall_layers"]), abs=1e-3)
+    assert 0.0 < small["recall"] < 1.0 and small["density"] < 0.5
+    assert all(r <= o + 1e-6 for r, o in zip(small["recall_layers"], small["oracle_recall_layers"], strict=True))

@@ -542,3 +542,17 @@ def test_shipped_selector_fits_smollm2_and_reads_less():
         assert spotattn.density(model, "decode").mean < 0.9  # reads less than dense
     finally:
         spotattn.unsparsify(model)
+
+
+def test_evaluate_refuses_a_bad_budget_before_loading_a_model(monkeypatch, capsys):
+    import spotattn.models
+    from spotattn.spot import evaluate
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(spotattn.models, "load_model", no_load)
+    monkeypatch.setattr("sys.argv", ["evaluate", "--budgets", "topk:512", "topk:many"])
+    with pytest.raises(SystemExit) as info:
+        evaluate.main()
+    assert info.value.code == 2 and "--budgets 'topk:many': invalid literal" in capsys.readouterr().err

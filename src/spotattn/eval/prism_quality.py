@@ -40,8 +40,10 @@ from ..selection import allowed_blocks, density_of, mask_to_selection
 from ..tasks import build_task
 from .metrics import block_attention_mass, mask_recall
 from .runner import (
+    RESULTS_FILE,
     EvalArgumentError,
     check_lengths,
+    check_results_model,
     model_window,
     parse_lengths,
     parse_method_spec,
@@ -397,6 +399,7 @@ def prism_quality(
     missing = [bs for bs in run_block_sizes if bs not in block_sizes]
     if missing:
         raise EvalArgumentError("--run-block-sizes", f"{missing} must also be curve block sizes ({list(block_sizes)})")
+    check_results_model(out / RESULTS_FILE, model_name)  # one model per folder, checked before any work
     model, tokenizer = loaded if loaded is not None else load_model(model_name, device=device, dtype=dtype)
     check_lengths([length], model_window(model), allow_beyond_window, "--length")  # before the curves
     out.mkdir(parents=True, exist_ok=True)
@@ -496,7 +499,7 @@ def prism_quality(
 @click.option("--match/--no-match", default=True, show_default=True,
               help="Also run meanpool at the p that matches each Prism run's density.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/prism-quality"),
-              show_default=True)
+              show_default=True, help="Results folder of one model; a rerun resumes it.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)

@@ -91,6 +91,8 @@ def parse_method_spec(text: str) -> MethodSpec:
             dual[key] = value
         else:
             options[key] = value
+    if budget is not None and "budget" in options:
+        raise EvalArgumentError("--methods", f"{text!r} gives two budgets (budget and {budget[0]})")
     if dual and (budget is None or budget[0] != "dual_topp"):
         raise EvalArgumentError("--methods", f"{text!r}: {sorted(dual)} need a dual_topp=P budget")
     try:
@@ -104,8 +106,8 @@ def parse_method_spec(text: str) -> MethodSpec:
 
 
 def _token_budgets(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """A whole number given for a config field whose default is a ``TopK`` (Twilight's ``candidates``)
-    becomes ``TopK(number)``: ``twilight:candidates=2048``."""
+    """A whole number given for a config field whose default is a ``TopK`` (Twilight's ``candidates``,
+    Quest's ``budget``) becomes ``TopK(number)``: ``twilight:candidates=2048``."""
     try:
         fields = dataclasses.fields(method_class(name).Config)
     except ValueError:

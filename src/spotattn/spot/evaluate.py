@@ -84,6 +84,8 @@ def attention_recall(
     for name, a in acc.items():
         out[name] = {k: sum(v) / len(v) for k, v in a.items()}
         out[name]["min_layer_recall"] = min(a["recall"])
+        out[name]["recall_layers"] = [round(v, 4) for v in a["recall"]]
+        out[name]["oracle_recall_layers"] = [round(v, 4) for v in a["oracle_recall_same_density"]]
     return out
 
 
@@ -173,6 +175,9 @@ def needle_eval(
 
 
 def main() -> None:
+    import click  # noqa: PLC0415 (the budget syntax's errors)
+
+    from ..cli import parse_budget  # noqa: PLC0415
     from ..models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -183,18 +188,29 @@ def main() -> None:
     parser.add_argument("--p", type=float, default=0.9)
     parser.add_argument(
         "--min-tokens", type=int, default=DualTopP().min_tokens,
-        help="DualTopP floor (tokens) for the needle test and every recall setting",
+        help="DualTopP floor (tokens) for the needle test and the --sweep-p settings",
     )
     parser.add_argument(
         "--temperature", type=float, default=None,
         help="spot's temperature in the needle test (default: the selector's recommended one, as SpotConfig)",
     )
     parser.add_argument("--sweep-p", type=float, nargs="+", default=[0.9])
+    parser.add_argument(
+        "--budgets", nargs="+", default=[],
+        help="more recall settings as budgets (topk:TOKENS, topp:P, dual_topp:P[,sink=N,...]), each at every "
+        "--temperatures and --formats",
+    )
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0])
     parser.add_argument("--formats", nargs="+", default=["bf16", "int4"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-needle", action="store_true")
     args = parser.parse_args()
+    budgets: dict[str, Budget] = {}
+    for text in args.budgets:
+        try:
+            budgets[text] = parse_budget(text)
+        except click.BadParameter as exc:
+            parser.error(f"--budgets {text!r}: {exc.message}")
     model, tok = load_model(args.model, device=args.device)
     budget = DualTopP(p=args.p, min_tokens=args.min_tokens)
     report: dict = {"budget": str(budget), "tokens": args.tokens}
@@ -208,6 +224,8 @@ def main() -> None:
         for p in args.sweep_p
         for t in args.temperatures
     }
+    settings |= {f"{fmt} {text} T={t}": (b, fmt, t) for fmt in args.formats for text, b in budgets.items()
+                 for t in args.temperatures}
     report["recall"] = attention_recall(model, ids, args.checkpoint, settings)
     print(json.dumps(report), file=sys.stderr, flush=True)  # progress; stdout gets one JSON object
     if not args.skip_needle:
