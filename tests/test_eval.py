@@ -390,6 +390,37 @@ def test_runner_records_and_resumes(tmp_path: Path, tiny_model, monkeypatch) -> 
     assert (tmp_path / "results.jsonl").read_bytes() == before
 
 
+def test_spot_records_name_their_selector_and_a_changed_selector_is_refused(tmp_path: Path, tiny_model) -> None:
+    """A selector checkpoint rewritten under the same name would mix two selectors' results under one label."""
+    from spotattn.spot import Selector, config_for_model, save_selector
+    from spotattn.spot.checkpoint import checkpoint_digest, fingerprint
+
+    model, tok = tiny_model
+    ckpt = tmp_path / "sel"
+
+    def save(seed: int) -> str:
+        torch.manual_seed(seed)
+        save_selector(ckpt, Selector(config_for_model(model.config)), base_model="tiny",
+                      model_fingerprint=fingerprint(model))
+        return checkpoint_digest(ckpt)
+
+    first = save(0)
+    methods = f"dense;spot:checkpoint={ckpt},topk=64"
+    run = dict(methods=methods, tasks="passkey", lengths="256", out=tmp_path / "out", model_name="tiny",
+               recall=False, progress=False)
+    result = run_eval(model, tok, samples=1, **run)
+    spot = next(r for r in result.records if r["method_name"] == "spot")
+    dense = next(r for r in result.records if r["method_name"] == "dense")
+    assert spot["artifacts"] == {"selector": first} and "artifacts" not in dense
+    assert run_eval(model, tok, samples=2, **run).computed == 2  # same selector: resumes
+
+    assert save(1) != first
+    before = (tmp_path / "out" / "results.jsonl").read_bytes()
+    with pytest.raises(EvalArgumentError, match="holds its results from other files") as info:
+        run_eval(model, tok, samples=3, **run)
+    assert info.value.param == "--methods" and (tmp_path / "out" / "results.jsonl").read_bytes() == before
+
+
 def test_findings_use_decode_density_for_methods_with_dense_prefill():
     from spotattn.eval.report import Summary, findings
 

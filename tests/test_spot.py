@@ -556,3 +556,19 @@ def test_evaluate_refuses_a_bad_budget_before_loading_a_model(monkeypatch, capsy
     with pytest.raises(SystemExit) as info:
         evaluate.main()
     assert info.value.code == 2 and "--budgets 'topk:many': invalid literal" in capsys.readouterr().err
+
+
+def test_spot_names_its_selector_by_content(tiny_ckpt):
+    from spotattn.methods import ComposeConfig, DenseConfig
+    from spotattn.methods.spot import SpotConfig
+    from spotattn.spot import shipped_selector
+    from spotattn.spot.checkpoint import checkpoint_digest
+
+    _, _, path = tiny_ckpt
+    shipped = checkpoint_digest(shipped_selector())
+    assert SpotConfig().artifacts() == {"selector": shipped} and DenseConfig().artifacts() == {}
+    tiny = checkpoint_digest(path)
+    assert SpotConfig(checkpoint=str(path)).artifacts() == {"selector": tiny} and tiny != shipped
+    assert ComposeConfig(decode=SpotConfig()).artifacts() == {"decode.selector": shipped}
+    with pytest.raises(FileNotFoundError, match="no selector weights at"):
+        SpotConfig(checkpoint=str(path.parent / "missing")).artifacts()

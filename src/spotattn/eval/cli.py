@@ -83,7 +83,7 @@ def _run_jobs(jobs, model_name, methods, tasks, lengths, samples, out, seed, dev
     from .runner import (
         RESULTS_FILE,
         check_engine,
-        check_results_model,
+        check_results_file,
         check_samples,
         parse_lengths,
         parse_methods,
@@ -91,11 +91,11 @@ def _run_jobs(jobs, model_name, methods, tasks, lengths, samples, out, seed, dev
     )
 
     try:
-        check_results_model(out / RESULTS_FILE, model_name)
         check_samples(samples)
         task_list, length_list = parse_tasks(tasks), parse_lengths(lengths)
         specs = parse_methods(methods)
         check_engine(engine, specs, recall)
+        check_results_file(out / RESULTS_FILE, model_name, specs)
     except EvalArgumentError as exc:
         raise click.BadParameter(exc.detail, param_hint=exc.param) from exc
     shared = ["--model", model_name, "--tasks", tasks, "--lengths", lengths, "--samples", str(samples),

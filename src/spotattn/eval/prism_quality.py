@@ -43,7 +43,7 @@ from .runner import (
     RESULTS_FILE,
     EvalArgumentError,
     check_lengths,
-    check_results_model,
+    check_results_file,
     model_window,
     parse_lengths,
     parse_method_spec,
@@ -399,7 +399,7 @@ def prism_quality(
     missing = [bs for bs in run_block_sizes if bs not in block_sizes]
     if missing:
         raise EvalArgumentError("--run-block-sizes", f"{missing} must also be curve block sizes ({list(block_sizes)})")
-    check_results_model(out / RESULTS_FILE, model_name)  # one model per folder, checked before any work
+    check_results_file(out / RESULTS_FILE, model_name)  # one model per folder, checked before any work
     model, tokenizer = loaded if loaded is not None else load_model(model_name, device=device, dtype=dtype)
     check_lengths([length], model_window(model), allow_beyond_window, "--length")  # before the curves
     out.mkdir(parents=True, exist_ok=True)

@@ -415,20 +415,39 @@ def _exclusive(sink) -> Iterator[None]:
         fcntl.flock(sink.fileno(), fcntl.LOCK_UN)
 
 
-def check_results_model(path: Path, model_name: str, records: Iterable[dict] | None = None) -> None:
-    """Refuse to add ``model_name``'s records to a results file holding another model's: the report groups
-    records by method only, so they would be averaged together (and a path spelled differently resumes
-    nothing). ``records``: the file's, when already read."""
+def _artifacts(spec: MethodSpec) -> dict[str, dict[str, str]]:
+    """The record's ``artifacts`` entry: the digests of the files the method read, when it reads any."""
+    found = spec.config.artifacts()
+    return {"artifacts": found} if found else {}
+
+
+def check_results_file(
+    path: Path, model_name: str, specs: Sequence[MethodSpec] = (), records: Iterable[dict] | None = None
+) -> None:
+    """Refuse to add records to a results file that would mix them with others under the same labels: the
+    file holds another model's records (the report groups by method only, and a model path spelled
+    differently resumes nothing), or a method label's records came from other files of the method (another
+    selector checkpoint under the same name). ``records``: the file's, when already read."""
     if records is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # run_eval reads the file again and warns about a torn line
             records = read_results(path)
+    records = list(records)
     others = sorted({str(r["model"]) for r in records if "model" in r} - {model_name})
     if others:
         raise EvalArgumentError(
             "--out", f"{path} holds results of --model {others[0]!r}, not {model_name!r}; pass the same "
             "--model (spelled the same) to resume those, or give this model its own --out"
         )
+    for spec in specs:
+        now = spec.config.artifacts()
+        before = next((r["artifacts"] for r in records if r.get("method") == spec.label and "artifacts" in r
+                       and r["artifacts"] != now), None)
+        if before is not None:
+            raise EvalArgumentError(
+                "--methods", f"{spec.label!r}: {path} holds its results from other files ({before}; now {now}), "
+                "e.g. another selector under the same name; give this run its own --out"
+            )
 
 
 def run_eval(
@@ -468,7 +487,7 @@ def run_eval(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RESULTS_FILE
     done = {r["key"]: r for r in read_results(path) if "key" in r}
-    check_results_model(path, model_name, done.values())
+    check_results_file(path, model_name, specs, done.values())
 
     plan = [(t, n, i) for i in range(samples) for n in length_list for t in task_names]
     all_keys = [item_key(model_name, t, n, i, seed, sample_depth(t, i), s.label)
@@ -517,7 +536,7 @@ def run_eval(
                         "prompt_tokens": sample.num_tokens, "sample": index, "seed": seed,
                         "sample_seed": sseed,
                         "depth": sample.depth, "method": spec.label, "method_name": spec.config.method,
-                        "config": spec.config.to_dict(), "answers": list(sample.answers),
+                        "config": spec.config.to_dict(), **_artifacts(spec), "answers": list(sample.answers),
                         "device": str(model.device), "dtype": str(next(model.parameters()).dtype),
                         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                         **result,
@@ -561,7 +580,7 @@ def evaluate(
     parse_tasks(tasks)
     parse_lengths(lengths)
     check_engine(engine, parse_methods(methods), recall)
-    check_results_model(Path(out) / RESULTS_FILE, model_name)  # before the model loads
+    check_results_file(Path(out) / RESULTS_FILE, model_name, parse_methods(methods))  # before the model loads
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
     result = run_eval(
         model, tokenizer, methods=methods, tasks=tasks, lengths=lengths, samples=samples, out=out, seed=seed,

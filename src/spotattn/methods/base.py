@@ -35,6 +35,11 @@ class MethodConfig:
                 f"{[b for b in BLOCK_SIZES if window % b == 0]}"
             )
 
+    def artifacts(self) -> dict[str, str]:
+        """Files this method reads besides the model, as ``name -> content digest`` (none by default), so
+        that a result names exactly what ran even when a file keeps its name and changes its content."""
+        return {}
+
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"method": self.method}
         for field in dataclasses.fields(self):

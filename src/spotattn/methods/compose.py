@@ -26,6 +26,10 @@ class ComposeConfig(MethodConfig):
         self.prefill.check_model(model_config)
         self.decode.check_model(model_config)
 
+    def artifacts(self) -> dict[str, str]:
+        return {f"{phase}.{name}": digest for phase in ("prefill", "decode")
+                for name, digest in getattr(self, phase).artifacts().items()}
+
 
 @register_method("compose")
 class Compose(Method):

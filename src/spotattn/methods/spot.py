@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..selection import rows_for_decode, rows_for_prefill, select_blocks
-from ..spot.checkpoint import check_shapes, load_selector, read_meta, shipped_selector
+from ..spot.checkpoint import check_shapes, checkpoint_digest, load_selector, read_meta, shipped_selector
 from ..spot.quant import FORMATS, KeyCache, quantize, score_blocks, score_blocks_torch
 from ..spot.selector import Selector, SelectorLayer
 from ..types import Budget, DualTopP, Selection, TopK, TopP
@@ -77,6 +77,9 @@ class SpotConfig(MethodConfig):
         if not isinstance(self.prefill_chunk, int) or self.prefill_chunk <= 0:
             raise ValueError(f"SpotConfig.prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
         check_nonneg_int("SpotConfig", "dense_layers", self.dense_layers)
+
+    def artifacts(self) -> dict[str, str]:
+        return {"selector": checkpoint_digest(resolve_checkpoint(self.checkpoint))}
 
     def check_model(self, model_config) -> None:
         super().check_model(model_config)

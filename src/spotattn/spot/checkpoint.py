@@ -9,6 +9,7 @@ hash, so the same model loaded in float32 on CPU or bfloat16 on GPU, or from GGU
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -119,6 +120,24 @@ def paths(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """Short SHA-256 of a checkpoint's weights file: which selector a result came from, whatever its name."""
+    weights, _ = paths(path)
+    if not weights.exists():
+        raise FileNotFoundError(f"no selector weights at {weights}")
+    stat = weights.stat()
+    return _digest(str(weights.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a rewritten file is hashed again
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def save_selector(
