@@ -152,3 +152,28 @@ def test_selector_recall_for_any_budget(smollm2):
     assert small["recall"] == pytest.approx(sum(small["recall_layers"]) / len(small["recall_layers"]), abs=1e-3)
     assert 0.0 < small["recall"] < 1.0 and small["density"] < 0.5
     assert all(r <= o + 1e-6 for r, o in zip(small["recall_layers"], small["oracle_recall_layers"], strict=True))
+
+
+def test_calibrate_cli_on_the_real_model(smollm2, tmp_path):
+    """``spotattn calibrate`` on a copy of the shipped selector writes the temperature SpotConfig then uses."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from spotattn.cli import main
+    from spotattn.methods.spot import Spot, SpotConfig
+    from spotattn.spot import shipped_selector
+
+    src = shipped_selector("smollm2-135m")
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(src.with_suffix(suffix), (tmp_path / "sel").with_suffix(suffix))
+    args = ["calibrate", "--checkpoint", str(tmp_path / "sel"), "--tokens", "1024", "--device", "cpu",
+            "--budget", "dual_topp:0.9,sink=32,recent=64,min_tokens=128", "--density", "0.3", "--queries", "32"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "<- chosen" in result.output and "wrote temperature" in result.output
+    inference = json.loads((tmp_path / "sel.json").read_text())["inference"]
+    assert abs(inference["calibration"]["density"] - 0.3) < 0.05 and "spotattn calibrate" in inference["note"]
+    model, _ = smollm2
+    assert Spot(SpotConfig(checkpoint=str(tmp_path / "sel")), model.config, 3).temperature == inference["temperature"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from click.testing import CliRunner
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import spotattn
@@ -572,3 +574,57 @@ def test_spot_names_its_selector_by_content(tiny_ckpt):
     assert ComposeConfig(decode=SpotConfig()).artifacts() == {"decode.selector": shipped}
     with pytest.raises(FileNotFoundError, match="no selector weights at"):
         SpotConfig(checkpoint=str(path.parent / "missing")).artifacts()
+
+
+def test_calibrate_finds_the_temperature_of_a_target_density_and_writes_it(tiny_ckpt):
+    from spotattn.spot.calibrate import calibrate, measure, write_temperature
+    from spotattn.spot.evaluate import layer_views, selector_log_probs
+
+    model, _, path = tiny_ckpt
+    torch.manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (1, 512))
+    views, bs = layer_views(model, ids, str(path), last=32)
+    budget = DualTopP(0.9, sink=16, recent=16, min_tokens=16)
+    logps = [selector_log_probs(v, "bf16", bs) for v in views]
+    curve = [measure(views, logps, budget, t, bs).density for t in (0.05, 0.2, 0.5, 1.0, 4.0)]
+    assert curve == sorted(curve) and curve[0] < curve[-1]  # the density read rises with T
+
+    target = (curve[1] + curve[-2]) / 2
+    best, tried = calibrate(views, budget, bs, target)
+    assert [p.temperature for p in tried] == sorted(p.temperature for p in tried) and best in tried
+    assert abs(best.density - target) == min(abs(p.density - target) for p in tried)
+    below = [p for p in tried if p.density < target]
+    above = [p for p in tried if p.density > target]
+    assert below and above  # the bisection brackets the target
+    assert abs(best.density - target) <= max(0.0025, min(above, key=lambda p: p.density).density
+                                             - max(below, key=lambda p: p.density).density)
+    with pytest.raises(ValueError, match="out of reach"):
+        calibrate(views, budget, bs, curve[0] / 2)
+    with pytest.raises(ValueError, match="reads the same at every temperature"):
+        calibrate(views, TopK(64), bs, 0.5)
+
+    write_temperature(path, best, "test")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["inference"]["temperature"] == pytest.approx(best.temperature, abs=1e-4)
+    assert meta["inference"]["calibration"]["density"] == pytest.approx(best.density, abs=1e-4)
+    assert Spot(SpotConfig(checkpoint=str(path)), model.config, 0).temperature == meta["inference"]["temperature"]
+
+
+def test_calibrate_cli_refuses_bad_arguments_before_loading_a_model(monkeypatch):
+    import spotattn.models
+    from spotattn.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(spotattn.models, "load_model", no_load)
+    cases = [
+        (["--checkpoint", "smollm2-135m"], "shipped selector is part of the package"),
+        (["--checkpoint", "smollm2-135m", "--dry-run", "--density", "1.5"], "must be between 0 and 1"),
+        (["--checkpoint", "smollm2-135m", "--dry-run", "--budget", "topk:x"], "--budget"),
+        (["--checkpoint", "nowhere/sel"], "no selector checkpoint at"),
+        (["--checkpoint", "smollm2-135m", "--dry-run", "--data", "bible,essays"], "give one source"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(main, ["calibrate", *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)

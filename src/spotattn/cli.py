@@ -15,7 +15,7 @@ from .bench.generate import generate_command
 from .bench.kernels import kernels_command, select_command
 from .eval.cli import eval_command
 from .methods import available_methods, make_config
-from .spot.cli import train_command
+from .spot.cli import calibrate_command, train_command
 from .types import BUDGET_TYPES, DualTopP, TopK, TopP
 
 
@@ -229,6 +229,7 @@ bench.add_command(attend_command, name="attend")
 bench.add_command(generate_command, name="generate")
 main.add_command(eval_command, name="eval")
 main.add_command(train_command, name="train")
+main.add_command(calibrate_command, name="calibrate")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``spotattn train``: distil a SpotAttention selector from a frozen model."""
+"""``spotattn train``: distil a SpotAttention selector from a frozen model; ``spotattn calibrate``: choose its
+temperature for the length it will serve."""
 
 from __future__ import annotations
 
@@ -149,3 +150,74 @@ def train_command(
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+@click.command()
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+              help="The model the selector was trained on (HF id or folder, a .gguf file, or smollm2-135m).")
+@click.option("--checkpoint", required=True, help="Selector checkpoint (stem or either file) whose JSON gets the T.")
+@click.option("--tokens", type=click.IntRange(min=64), default=8192, show_default=True,
+              help="Length of the calibration text: the context length you will serve.")
+@click.option("--data", default="essays", show_default=True,
+              help="Calibration text, as spotattn train's --data (one source); its first --tokens tokens are read.")
+@click.option("--budget", "budget_text", default="dual_topp:0.9", show_default=True,
+              help="The budget to calibrate: topp:P or dual_topp:P[,sink=N,recent=N,min_tokens=N,max_tokens=N].")
+@click.option("--density", type=float, default=0.2, show_default=True,
+              help="Share of the causal tokens the budget should read at the chosen temperature.")
+@click.option("--queries", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Last queries of the text measured in every layer.")
+@click.option("--key-format", type=click.Choice(["bf16", "int4", "mxfp4", "nvfp4"]), default="bf16",
+              show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--write/--dry-run", default=True, show_default=True,
+              help="Write inference.temperature into the checkpoint's JSON, or only print the result.")
+def calibrate_command(model_name, checkpoint, tokens, data, budget_text, density, queries, key_format, device,
+                      write) -> None:
+    """Pick the selector temperature at which a budget reads a target density at the serving length."""
+    from ..cli import parse_budget
+    from ..methods.spot import resolve_checkpoint
+    from .calibrate import calibrate, write_temperature
+    from .checkpoint import SHIPPED_DIR, paths
+
+    budget = parse_budget(budget_text)
+    path = resolve_checkpoint(checkpoint)
+    weights, meta_path = paths(path)
+    if not (weights.exists() and meta_path.exists()):
+        raise click.BadParameter(f"no selector checkpoint at {weights} and {meta_path}", param_hint="--checkpoint")
+    if write and meta_path.resolve().parent == SHIPPED_DIR:
+        raise click.BadParameter(
+            "a shipped selector is part of the package: copy its two files elsewhere and calibrate the copy, "
+            "or pass --dry-run", param_hint="--checkpoint")
+    if not 0.0 < density < 1.0:
+        raise click.BadParameter(f"must be between 0 and 1 (a share of the tokens), got {density}",
+                                 param_hint="--density")
+    from ..models import load_model
+    from .evaluate import layer_views
+    from .train import load_text, parse_data
+
+    try:
+        if len(parse_data(data)) != 1:
+            raise ValueError(f"{data!r}: give one source")
+        text = load_text(data, max_chars=tokens * 12)  # enough characters for --tokens tokens in any language
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--data") from exc
+    model, tokenizer = load_model(model_name, device=device)
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens].to(model.device)
+    if ids.shape[1] < tokens:
+        raise click.BadParameter(f"{data!r} holds {ids.shape[1]} tokens, fewer than --tokens {tokens}",
+                                 param_hint="--data")
+    views, block_size = layer_views(model, ids, str(path), last=queries)
+    try:
+        best, tried = calibrate(views, budget, block_size, density, key_format=key_format)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{budget} over the last {queries} queries of {tokens} tokens of {data} ({key_format} keys):")
+    click.echo("  T        density  recall  (exact top blocks at that density)")
+    for p in tried:
+        mark = "  <- chosen" if p is best else ""
+        exact = p.oracle_recall_same_density
+        click.echo(f"  {p.temperature:<8.4f} {p.density:7.3f}  {p.recall:6.3f}  ({exact:.3f}){mark}")
+    if write:
+        note = (f"calibrated by spotattn calibrate: {budget} reads {best.density:.1%} of {tokens} tokens of {data} "
+                f"at recall {best.recall:.3f}")
+        click.echo(f"wrote temperature {best.temperature:.4f} to {write_temperature(path, best, note)}")

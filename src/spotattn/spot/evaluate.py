@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -29,7 +30,65 @@ def _keep_mask(sel, nb: int) -> torch.Tensor:
     return keep[..., :nb]
 
 
+@dataclass
+class LayerView:
+    """One layer's last queries: the head-averaged attention over key blocks (the teacher), the selector's
+    query-side inputs and its raw keys for every position."""
+
+    teacher: torch.Tensor  # (B, groups, queries, blocks)
+    queries: tuple[torch.Tensor, torch.Tensor]  # the selector layer's (q, w) for the last queries
+    keys: torch.Tensor  # raw selector keys of every position, before quantisation
+    qpos: torch.Tensor  # positions of the last queries
+
+
 @torch.no_grad()
+def layer_views(model, input_ids: torch.Tensor, checkpoint: str | None, last: int = 64) -> tuple[list[LayerView], int]:
+    """One backbone forward over ``input_ids``: a view of each selector layer's last ``last`` queries, and the
+    selector's block size."""
+    selector, _ = load_selector(resolve_checkpoint(checkpoint), model=model, device=input_ids.device)
+    cfg = selector.config
+    capture = Capture(cfg.block_size, cfg.num_groups, 256, torch.float32)
+    with Backbone(model, capture, cfg.layer_ids) as backbone:
+        backbone.run(input_ids)
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+    qpos = pos[-last:]
+    views = []
+    for idx in cfg.layer_ids:
+        layer, hidden = selector.layer(idx), capture.hidden[idx]
+        views.append(LayerView(capture.teacher[idx][:, :, -last:].float(), layer.queries(hidden[:, -last:], qpos),
+                               layer.keys(hidden, pos), qpos))
+    return views, cfg.block_size
+
+
+def selector_log_probs(view: LayerView, key_format: str, block_size: int) -> torch.Tensor:
+    """The selector's block log-probabilities for the view's queries, its keys stored in ``key_format``."""
+    keys = dequantize(quantize(view.keys, key_format), key_format)
+    return block_log_probs(*view.queries, keys, view.qpos, block_size)
+
+
+def budget_stats(
+    view: LayerView, logp: torch.Tensor, budget: Budget, temperature: float, block_size: int
+) -> dict[str, float]:
+    """Recall, density, the exact top blocks' recall at the same count, and the density the exact attention
+    needs under ``budget``, for one layer's queries (means over them)."""
+    teacher, qpos = view.teacher, view.qpos
+    rows, nb = qpos // block_size, teacher.shape[-1]
+    probs = torch.softmax(logp / temperature, dim=-1)
+    keep = _keep_mask(select_blocks(probs, budget, block_size, row_first_block=rows, row_last_block=rows), nb)
+    order = teacher.argsort(-1, descending=True)
+    ranks = torch.arange(nb, device=keep.device)
+    top = torch.zeros_like(keep).scatter(-1, order, ranks < keep.sum(-1, keepdim=True))
+    exact = _keep_mask(select_blocks(teacher, budget, block_size, row_first_block=rows, row_last_block=rows), nb)
+    mass = teacher.sum(-1)
+    avail = (qpos + 1).float()
+    return {
+        "recall": float(((teacher * keep).sum(-1) / mass).mean()),
+        "oracle_recall_same_density": float(((teacher * top).sum(-1) / mass).mean()),
+        "density": float(((keep.float() * block_size).sum(-1).clamp(max=avail) / avail).mean()),
+        "oracle_density_same_budget": float(((exact.float() * block_size).sum(-1).clamp(max=avail) / avail).mean()),
+    }
+
+
 def attention_recall(
     model,
     input_ids: torch.Tensor,
@@ -41,51 +100,20 @@ def attention_recall(
     temperature)``: the share of the layer's head-averaged attention inside the blocks spot selects
     (recall), the density read, the recall of the exact top blocks at the same block count (oracle at
     equal density), and the density the exact attention itself needs under the same budget rule.
-    Averaged over layers and queries; one backbone forward for all settings."""
-    selector, _ = load_selector(resolve_checkpoint(checkpoint), model=model, device=input_ids.device)
-    cfg = selector.config
-    bs = cfg.block_size
-    capture = Capture(bs, cfg.num_groups, 256, torch.float32)
-    with Backbone(model, capture, cfg.layer_ids) as backbone:
-        backbone.run(input_ids)
-    length = input_ids.shape[1]
-    pos = torch.arange(length, device=input_ids.device)
-    qpos = pos[-last:]
-    rows = qpos // bs
-    acc: dict[str, dict[str, list[float]]] = {
-        n: {"recall": [], "oracle_recall_same_density": [], "density": [], "oracle_density_same_budget": []}
-        for n in settings
-    }
-    for idx in cfg.layer_ids:
-        layer = selector.layer(idx)
-        hidden = capture.hidden[idx]
-        raw_keys = layer.keys(hidden, pos)
-        q, w = layer.queries(hidden[:, -last:], qpos)
-        teacher = capture.teacher[idx][:, :, -last:].float()
-        nb = teacher.shape[-1]
-        order = teacher.argsort(-1, descending=True)
-        for name, (budget, fmt, temperature) in settings.items():
-            keys = dequantize(quantize(raw_keys, fmt), fmt)
-            logp = block_log_probs(q, w, keys, qpos, bs)
-            probs = torch.softmax(logp / temperature, dim=-1)
-            keep = _keep_mask(select_blocks(probs, budget, bs, row_first_block=rows, row_last_block=rows), nb)
-            ranks = torch.arange(nb, device=keep.device)
-            top = torch.zeros_like(keep).scatter(-1, order, ranks < keep.sum(-1, keepdim=True))
-            exact = _keep_mask(select_blocks(teacher, budget, bs, row_first_block=rows, row_last_block=rows), nb)
-            a = acc[name]
-            a["recall"].append(float(((teacher * keep).sum(-1) / teacher.sum(-1)).mean()))
-            a["oracle_recall_same_density"].append(float(((teacher * top).sum(-1) / teacher.sum(-1)).mean()))
-            avail = (qpos + 1).float()
-            a["density"].append(float(((keep.float() * bs).sum(-1).clamp(max=avail) / avail).mean()))
-            a["oracle_density_same_budget"].append(
-                float(((exact.float() * bs).sum(-1).clamp(max=avail) / avail).mean())
-            )
+    Averaged over layers and queries, with per-layer lists; one backbone forward for all settings."""
+    views, bs = layer_views(model, input_ids, checkpoint, last)
+    per_layer: dict[str, list[dict[str, float]]] = {name: [] for name in settings}
+    with torch.no_grad():
+        for view in views:
+            logps = {fmt: selector_log_probs(view, fmt, bs) for fmt in {fmt for _, fmt, _ in settings.values()}}
+            for name, (budget, fmt, temperature) in settings.items():
+                per_layer[name].append(budget_stats(view, logps[fmt], budget, temperature, bs))
     out = {}
-    for name, a in acc.items():
-        out[name] = {k: sum(v) / len(v) for k, v in a.items()}
-        out[name]["min_layer_recall"] = min(a["recall"])
-        out[name]["recall_layers"] = [round(v, 4) for v in a["recall"]]
-        out[name]["oracle_recall_layers"] = [round(v, 4) for v in a["oracle_recall_same_density"]]
+    for name, layers in per_layer.items():
+        out[name] = {k: sum(layer[k] for layer in layers) / len(layers) for k in layers[0]}
+        out[name]["min_layer_recall"] = min(layer["recall"] for layer in layers)
+        out[name]["recall_layers"] = [round(layer["recall"], 4) for layer in layers]
+        out[name]["oracle_recall_layers"] = [round(layer["oracle_recall_same_density"], 4) for layer in layers]
     return out
 
 
