@@ -111,6 +111,7 @@ def test_train_cli_on_a_weighted_mixture_with_the_max_teacher(smollm2, tmp_path)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "a.txt 75%, " in result.output and "b.txt 25%)" in result.output
+    assert f"spotattn calibrate --model smollm2-135m --checkpoint {out} --tokens LENGTH" in result.output
     start = json.loads(out.with_suffix(".train.log").read_text().splitlines()[0])
     assert start["config"]["teacher_heads"] == "max" and [s["weight"] for s in start["sources"]] == [0.75, 0.25]
     load_selector(str(out), model=smollm2[0])  # refuses a mismatched model, so this checks the fingerprint

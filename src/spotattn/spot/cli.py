@@ -150,6 +150,8 @@ def train_command(
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    click.echo(f"to serve longer than {seq_len} tokens, set its temperature: spotattn calibrate --model {model_name} "
+               f"--checkpoint {out} --tokens LENGTH")
 
 
 @click.command()
