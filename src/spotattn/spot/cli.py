@@ -161,7 +161,8 @@ def train_command(
 @click.option("--tokens", type=click.IntRange(min=64), default=8192, show_default=True,
               help="Length of the calibration text: the context length you will serve.")
 @click.option("--data", default="essays", show_default=True,
-              help="Calibration text, as spotattn train's --data (one source); its first --tokens tokens are read.")
+              help="Calibration text, as spotattn train's --data (one source); its first --tokens tokens are read. "
+              "Use text the selector did not train on: it is sharper on its own training text.")
 @click.option("--budget", "budget_text", default="dual_topp:0.9", show_default=True,
               help="The budget to calibrate: topp:P or dual_topp:P[,sink=N,recent=N,min_tokens=N,max_tokens=N].")
 @click.option("--density", type=float, default=0.2, show_default=True,
