@@ -392,6 +392,7 @@ def test_runner_records_and_resumes(tmp_path: Path, tiny_model, monkeypatch) -> 
 
 def test_spot_records_name_their_selector_and_a_changed_selector_is_refused(tmp_path: Path, tiny_model) -> None:
     """A selector checkpoint rewritten under the same name would mix two selectors' results under one label."""
+    from spotattn.eval.runner import check_results_file
     from spotattn.spot import Selector, config_for_model, save_selector
     from spotattn.spot.checkpoint import checkpoint_digest, fingerprint
 
@@ -419,6 +420,10 @@ def test_spot_records_name_their_selector_and_a_changed_selector_is_refused(tmp_
     with pytest.raises(EvalArgumentError, match="holds its results from other files") as info:
         run_eval(model, tok, samples=3, **run)
     assert info.value.param == "--methods" and (tmp_path / "out" / "results.jsonl").read_bytes() == before
+    missing = parse_methods(f"spot:checkpoint={tmp_path / 'none'},topk=64")
+    with pytest.raises(EvalArgumentError, match="no selector weights at") as info:
+        check_results_file(tmp_path / "out" / "results.jsonl", "tiny", missing)
+    assert info.value.param == "--methods"
 
 
 def test_findings_use_decode_density_for_methods_with_dense_prefill():

@@ -440,7 +440,10 @@ def check_results_file(
             "--model (spelled the same) to resume those, or give this model its own --out"
         )
     for spec in specs:
-        now = spec.config.artifacts()
+        try:
+            now = spec.config.artifacts()
+        except FileNotFoundError as exc:  # e.g. a selector checkpoint that is not there
+            raise EvalArgumentError("--methods", f"{spec.label!r}: {exc}") from exc
         before = next((r["artifacts"] for r in records if r.get("method") == spec.label and "artifacts" in r
                        and r["artifacts"] != now), None)
         if before is not None:
