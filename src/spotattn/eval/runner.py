@@ -415,19 +415,14 @@ def _exclusive(sink) -> Iterator[None]:
         fcntl.flock(sink.fileno(), fcntl.LOCK_UN)
 
 
-def _artifacts(spec: MethodSpec) -> dict[str, dict[str, str]]:
-    """The record's ``artifacts`` entry: the digests of the files the method read, when it reads any."""
-    found = spec.config.artifacts()
-    return {"artifacts": found} if found else {}
-
-
 def check_results_file(
     path: Path, model_name: str, specs: Sequence[MethodSpec] = (), records: Iterable[dict] | None = None
-) -> None:
+) -> dict[str, dict[str, str]]:
     """Refuse to add records to a results file that would mix them with others under the same labels: the
     file holds another model's records (the report groups by method only, and a model path spelled
     differently resumes nothing), or a method label's records came from other files of the method (another
-    selector checkpoint under the same name). ``records``: the file's, when already read."""
+    selector checkpoint under the same name). ``records``: the file's, when already read. Returns each
+    spec's artifacts by label, for its new records."""
     if records is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # run_eval reads the file again and warns about a torn line
@@ -439,9 +434,10 @@ def check_results_file(
             "--out", f"{path} holds results of --model {others[0]!r}, not {model_name!r}; pass the same "
             "--model (spelled the same) to resume those, or give this model its own --out"
         )
+    artifacts = {}
     for spec in specs:
         try:
-            now = spec.config.artifacts()
+            artifacts[spec.label] = now = spec.config.artifacts()
         except FileNotFoundError as exc:  # e.g. a selector checkpoint that is not there
             raise EvalArgumentError("--methods", f"{spec.label!r}: {exc}") from exc
         before = next((r["artifacts"] for r in records if r.get("method") == spec.label and "artifacts" in r
@@ -451,6 +447,7 @@ def check_results_file(
                 "--methods", f"{spec.label!r}: {path} holds its results from other files ({before}; now {now}), "
                 "e.g. another selector under the same name; give this run its own --out"
             )
+    return artifacts
 
 
 def run_eval(
@@ -490,7 +487,7 @@ def run_eval(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RESULTS_FILE
     done = {r["key"]: r for r in read_results(path) if "key" in r}
-    check_results_file(path, model_name, specs, done.values())
+    artifacts = check_results_file(path, model_name, specs, done.values())
 
     plan = [(t, n, i) for i in range(samples) for n in length_list for t in task_names]
     all_keys = [item_key(model_name, t, n, i, seed, sample_depth(t, i), s.label)
@@ -539,7 +536,9 @@ def run_eval(
                         "prompt_tokens": sample.num_tokens, "sample": index, "seed": seed,
                         "sample_seed": sseed,
                         "depth": sample.depth, "method": spec.label, "method_name": spec.config.method,
-                        "config": spec.config.to_dict(), **_artifacts(spec), "answers": list(sample.answers),
+                        "config": spec.config.to_dict(),
+                        **({"artifacts": artifacts[spec.label]} if artifacts[spec.label] else {}),
+                        "answers": list(sample.answers),
                         "device": str(model.device), "dtype": str(next(model.parameters()).dtype),
                         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                         **result,
@@ -582,8 +581,9 @@ def evaluate(
     check_samples(samples)
     parse_tasks(tasks)
     parse_lengths(lengths)
-    check_engine(engine, parse_methods(methods), recall)
-    check_results_file(Path(out) / RESULTS_FILE, model_name, parse_methods(methods))  # before the model loads
+    specs = parse_methods(methods)
+    check_engine(engine, specs, recall)
+    check_results_file(Path(out) / RESULTS_FILE, model_name, specs)  # before the model loads
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
     result = run_eval(
         model, tokenizer, methods=methods, tasks=tasks, lengths=lengths, samples=samples, out=out, seed=seed,

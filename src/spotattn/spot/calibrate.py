@@ -35,6 +35,11 @@ class Point:
     oracle_recall_same_density: float
 
 
+def check_density(density: float) -> None:
+    if not 0.0 < density < 1.0:
+        raise ValueError(f"--density must be between 0 and 1 (a share of the tokens), got {density!r}")
+
+
 def measure(views: list[LayerView], logps: list[torch.Tensor], budget: Budget, temperature: float,
             block_size: int) -> Point:
     """Density and recall of ``budget`` over ``softmax(logp / temperature)``, averaged over the layers."""
@@ -55,8 +60,7 @@ def calibrate(views: list[LayerView], budget: Budget, block_size: int, density: 
     (the budget's floor or its sink and recent tokens can set a minimum)."""
     if isinstance(budget, TopK):
         raise ValueError(f"--budget {budget} reads the same at every temperature; calibrate a top-p budget")
-    if not 0.0 < density < 1.0:
-        raise ValueError(f"--density must be between 0 and 1 (a share of the tokens), got {density!r}")
+    check_density(density)
     logps = [selector_log_probs(v, key_format, block_size) for v in views]
     lo, hi = (measure(views, logps, budget, t, block_size) for t in T_RANGE)
     tried = [lo, hi]

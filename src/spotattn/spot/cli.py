@@ -179,7 +179,7 @@ def calibrate_command(model_name, checkpoint, tokens, data, budget_text, density
     """Pick the selector temperature at which a budget reads a target density at the serving length."""
     from ..cli import parse_budget
     from ..methods.spot import resolve_checkpoint
-    from .calibrate import calibrate, write_temperature
+    from .calibrate import calibrate, check_density, write_temperature
     from .checkpoint import SHIPPED_DIR, paths
 
     budget = parse_budget(budget_text)
@@ -191,9 +191,10 @@ def calibrate_command(model_name, checkpoint, tokens, data, budget_text, density
         raise click.BadParameter(
             "a shipped selector is part of the package: copy its two files elsewhere and calibrate the copy, "
             "or pass --dry-run", param_hint="--checkpoint")
-    if not 0.0 < density < 1.0:
-        raise click.BadParameter(f"must be between 0 and 1 (a share of the tokens), got {density}",
-                                 param_hint="--density")
+    try:
+        check_density(density)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--density "), param_hint="--density") from exc
     from ..models import load_model
     from .evaluate import layer_views
     from .train import load_text, parse_data
