@@ -26,8 +26,13 @@ from spotattn.spot.train import (
     Backbone,
     Capture,
     Mixture,
+    TrainConfig,
     Windows,
+    autocast_for,
+    distill_step,
     layer_loss,
+    make_capture,
+    make_optimizer,
     parse_data,
     recall_at,
     training_windows,
@@ -186,6 +191,16 @@ def test_teacher_in_chunks_equals_at_once():
                                group_max / group_max.sum(-1, keepdim=True))
     with pytest.raises(ValueError, match="heads must be one of"):
         teacher_block_probs(q, k, 0.25, 16, heads="median")
+    # Left padding (batch of two, the second starts at key 37): keys before the start get no mass, and
+    # queries inside the padding none at all.
+    q2, k2 = torch.randn(2, 6, 70, 16), torch.randn(2, 2, 100, 16)
+    start = torch.tensor([0, 37])
+    padded = teacher_block_probs(q2, k2, 0.25, 16, seq_start=start, chunk=13)
+    s2 = (q2.view(2, 2, 3, 70, 16) @ k2.unsqueeze(2).transpose(-1, -2)) * 0.25
+    seen = mask & (pos.view(1, 1, 1, 1, -1) >= start.view(2, 1, 1, 1, 1))
+    p2 = s2.masked_fill(~seen, float("-inf")).softmax(-1).nan_to_num(0.0).mean(dim=(1, 2))
+    torch.testing.assert_close(padded[:, 0], torch.nn.functional.pad(p2, (0, 12)).unflatten(-1, (7, 16)).sum(-1))
+    assert padded[1, 0, :7].sum() == 0 and padded[1, 0, 7:].sum(-1).allclose(torch.ones(63))
 
 
 # ------------------------------------------------------------------------------------------- budget
@@ -324,6 +339,52 @@ def test_a_few_training_steps_lower_the_loss(residual, heads):
     a = layer_loss(layer, h, t, chunk=16, use_checkpoint=True, residual=residual)
     b = layer_loss(layer, h, t, chunk=96, use_checkpoint=False, residual=residual)
     torch.testing.assert_close(a, b)
+
+
+def test_distill_step_returns_the_mean_layer_loss_and_lowers_it():
+    """The step `spotattn train` and `spotattn bench train` share: its loss is the layers' mean KL before the
+    update, and repeating it on one batch lowers that loss."""
+    model = tiny_llama()
+    sel_cfg = config_for_model(model.config, num_heads=2, head_dim=16)
+    selector = Selector(sel_cfg)
+    cfg = TrainConfig(model="tiny", data="-", out="", seq_len=96, steps=30, lr=1e-2, warmup=1, chunk=32)
+    optim, sched = make_optimizer(selector, cfg)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 128, (2, 96))
+    capture = make_capture(sel_cfg, cfg, torch.device("cpu"))
+    losses = []
+    with Backbone(model, capture, sel_cfg.layer_ids) as backbone:
+        for step in range(cfg.steps):
+            if step == 0:
+                backbone.run(ids)
+                with torch.no_grad():
+                    expected = sum(float(layer_loss(selector.layer(i), capture.hidden[i], capture.teacher[i], chunk=32))
+                                   for i in sel_cfg.layer_ids) / len(sel_cfg.layer_ids)
+            loss, grad_norm = distill_step(backbone, selector, ids, cfg, optim, sched, autocast_for(ids.device))
+            losses.append(loss)
+            assert math.isfinite(grad_norm) and grad_norm > 0
+    assert losses[0] == pytest.approx(expected, rel=1e-5)
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_bench_train_times_steps_and_refuses_bad_arguments(tmp_path):
+    from spotattn.bench.train import bench_train
+    from spotattn.cli import main
+
+    report = bench_train("smollm2-135m", seq_len=64, steps=3, num_layers=2, device="cpu", progress=False)
+    assert report["layers"] == 2 and report["selector"]["layers"] == 2
+    assert len(report["step_s_all"]) == 3 and report["step_s"] > 0
+    assert report["tokens_per_s"] == pytest.approx(64 / report["step_s"])
+    assert report["peak_gpu_gb"] is None  # on the CPU
+    with pytest.raises(ValueError, match="steps >= 2"):
+        bench_train("smollm2-135m", seq_len=64, steps=1, num_layers=2, device="cpu")
+    with pytest.raises(ValueError, match="shape must be one of"):
+        bench_train("gpt-9", seq_len=64)
+    runner = CliRunner()
+    bad = runner.invoke(main, ["bench", "train", "--steps", "1", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "steps >= 2" in bad.output and not (tmp_path / "x").exists()
+    bad = runner.invoke(main, ["bench", "train", "--plan-steps", "0", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--plan-steps" in bad.output
 
 
 def test_windows_draw_the_same_batches_as_before():

@@ -13,6 +13,7 @@ from .bench.attend import attend_command
 from .bench.decode import decode_command
 from .bench.generate import generate_command
 from .bench.kernels import kernels_command, select_command
+from .bench.train import train_command as bench_train_command
 from .eval.cli import eval_command
 from .methods import available_methods, make_config
 from .spot.cli import calibrate_command, train_command
@@ -227,6 +228,7 @@ bench.add_command(decode_command, name="decode")
 bench.add_command(select_command, name="select")
 bench.add_command(attend_command, name="attend")
 bench.add_command(generate_command, name="generate")
+bench.add_command(bench_train_command, name="train")
 main.add_command(eval_command, name="eval")
 main.add_command(train_command, name="train")
 main.add_command(calibrate_command, name="calibrate")

@@ -30,7 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..types import DualTopP
 from .checkpoint import fingerprint, load_selector, read_meta, save_selector
-from .selector import Selector, SelectorLayer, block_log_probs, config_for_model
+from .selector import Selector, SelectorConfig, SelectorLayer, block_log_probs, config_for_model
 from .teacher import (
     block_recall,
     check_heads,
@@ -470,6 +470,61 @@ def evaluate(
     }
 
 
+def make_optimizer(selector: Selector, cfg: TrainConfig) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with warm-up and cosine decay to 5% of ``cfg.lr`` over ``cfg.steps``."""
+    optim = torch.optim.AdamW(selector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    return optim, torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.warmup, cfg.steps))
+
+
+def make_capture(sel_cfg: SelectorConfig, cfg: TrainConfig, device: torch.device) -> Capture:
+    # bf16 teachers on a GPU halve their memory (36 layers x L x L/16 values); fp32 on the CPU.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return Capture(sel_cfg.block_size, sel_cfg.num_groups, cfg.chunk, dtype, heads=cfg.teacher_heads)
+
+
+def autocast_for(device: torch.device) -> torch.autocast:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def distill_step(
+    backbone: Backbone,
+    selector: Selector,
+    ids: torch.Tensor,
+    cfg: TrainConfig,
+    optim: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    autocast: torch.autocast,
+) -> tuple[float, float]:
+    """One optimisation step on the token windows ``ids``: the frozen backbone's forward (no gradients)
+    records every layer's hidden states and teacher, then each layer's KL is back-propagated on its own
+    (its graph is freed before the next), the gradients are clipped and the optimiser steps.
+    Returns (mean loss over layers, gradient norm before clipping)."""
+    with autocast:
+        backbone.run(ids)
+    optim.zero_grad(set_to_none=True)
+    capture, layer_ids = backbone.capture, selector.config.layer_ids
+    total = 0.0
+    for idx in layer_ids:
+        with autocast:
+            loss = layer_loss(
+                selector.layer(idx),
+                capture.hidden[idx],
+                capture.teacher[idx],
+                chunk=cfg.chunk,
+                sparse_top=cfg.sparse_top,
+                residual=(DualTopP().sink, DualTopP().recent) if cfg.residual_kl else None,
+                use_checkpoint=cfg.seq_len > 2048,
+            )
+        (loss / len(layer_ids)).backward()
+        total += loss.item()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(selector.parameters(), cfg.clip))
+    optim.step()
+    sched.step()
+    return total / len(layer_ids), grad_norm
+
+
 def train(
     cfg: TrainConfig, *, resume: bool = False, echo: Callable[[str], None] = print, progress: bool = True
 ) -> dict:
@@ -496,10 +551,7 @@ def train(
         length_scaling=cfg.length_scaling,
     )
     selector = Selector(sel_cfg).to(device)
-    optim = torch.optim.AdamW(
-        selector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.warmup, cfg.steps))
+    optim, sched = make_optimizer(selector, cfg)
     start_step = 0
     model_fp = fingerprint(model)
     log = log_path(cfg.out)
@@ -519,18 +571,8 @@ def train(
 
     windows, sources = training_windows(cfg.data, tokenizer, cfg.seq_len, cfg.max_chars)
     eval_batches = windows.eval_batches(cfg.eval_batches)
-    capture = Capture(
-        sel_cfg.block_size,
-        sel_cfg.num_groups,
-        cfg.chunk,
-        torch.bfloat16 if device.type == "cuda" else torch.float32,
-        heads=cfg.teacher_heads,
-    )
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
+    capture = make_capture(sel_cfg, cfg, device)
+    autocast = autocast_for(device)
     train_tokens = sum(src["train_tokens"] for src in sources)
     header = {
         "event": "start",
@@ -583,31 +625,11 @@ def train(
         )
         for step in bar:
             ids = windows.batch(step, cfg.batch_size, cfg.seed).to(device)
-            with autocast:
-                backbone.run(ids)
-            optim.zero_grad(set_to_none=True)
-            total = 0.0
-            n = len(sel_cfg.layer_ids)
-            for idx in sel_cfg.layer_ids:
-                with autocast:
-                    loss = layer_loss(
-                        selector.layer(idx),
-                        capture.hidden[idx],
-                        capture.teacher[idx],
-                        chunk=cfg.chunk,
-                        sparse_top=cfg.sparse_top,
-                        residual=(DualTopP().sink, DualTopP().recent) if cfg.residual_kl else None,
-                        use_checkpoint=cfg.seq_len > 2048,
-                    )
-                (loss / n).backward()  # each layer's graph is freed at once
-                total += loss.item()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(selector.parameters(), cfg.clip))
-            optim.step()
-            sched.step()
-            bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            loss, grad_norm = distill_step(backbone, selector, ids, cfg, optim, sched, autocast)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
             record = {
                 "step": step + 1,
-                "loss": round(total / n, 5),
+                "loss": round(loss, 5),
                 "grad_norm": round(grad_norm, 4),
                 "lr": sched.get_last_lr()[0],
                 "elapsed_s": round(time.time() - t0, 1),
@@ -619,6 +641,8 @@ def train(
                 metrics = evaluate(backbone, selector, eval_batches, cfg, device)
                 selector.train()
                 record.update({k: round(v, 5) for k, v in metrics.items()})
+                if device.type == "cuda":  # what a user sizing a run needs: the step's high-water mark
+                    record["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
                 bar.write(" ".join(f"{k}={v}" for k, v in record.items()))
             with log.open("a") as f:
                 f.write(json.dumps(record) + "\n")
