@@ -50,24 +50,31 @@ def teacher_block_probs(
     nb = -(-lk // block_size)
     key_pos = torch.arange(lk, device=query.device)
     kf = key.float()
-    out = torch.empty(b, num_groups, lq, nb, dtype=out_dtype, device=query.device)
+    out = torch.zeros(b, num_groups, lq, nb, dtype=out_dtype, device=query.device)
+    # The (chunk x keys x heads) score tensor is the whole cost: every pass over it is memory traffic. So
+    # the scale goes into the queries, only the keys the chunk's last query sees are scored (a causal
+    # triangle, half the work on average), and the causal mask touches only the chunk's diagonal columns.
     for a in range(0, lq, chunk):
         e = min(lq, a + chunk)
-        qc = query[:, :, a:e].float().view(b, hkv, rep, e - a, d)
-        scores = torch.einsum("bgrqd,bgkd->bgrqk", qc, kf) * scale
-        allowed = key_pos <= (torch.arange(a, e, device=query.device) + offset).unsqueeze(-1)
+        seen = e + offset  # keys [0, seen) are visible to some query of the chunk
+        qc = (query[:, :, a:e].float() * scale).view(b, hkv, rep, e - a, d)
+        scores = torch.einsum("bgrqd,bgkd->bgrqk", qc, kf[:, :, :seen])
+        diagonal = scores[..., a + offset :]
+        diagonal.masked_fill_(key_pos[a + offset : seen] > (key_pos[a:e] + offset).unsqueeze(-1), float("-inf"))
         if seq_start is not None:
-            allowed = allowed & (key_pos >= seq_start.view(b, 1, 1, 1, 1))
-        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+            scores.masked_fill_((key_pos[:seen] < seq_start.view(b, 1, 1, 1, 1)), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if seq_start is not None:
+            probs.nan_to_num_(0.0)  # a query inside the left padding sees no key
         if heads == "mean":
-            probs = probs.mean(dim=2)  # over the query heads of each group
-            blocks = block_sums(probs.mean(dim=1, keepdim=True) if num_groups == 1 else probs, block_size)
+            probs = probs.mean(dim=(1, 2), keepdim=True)[:, 0] if num_groups == 1 else probs.mean(dim=2)
+            blocks = block_sums(probs, block_size)
         else:
             blocks = block_sums(probs, block_size).amax(dim=2)  # per block, the largest head of each group
             if num_groups == 1:
                 blocks = blocks.amax(dim=1, keepdim=True)
             blocks = blocks / blocks.sum(-1, keepdim=True).clamp(min=1e-30)
-        out[:, :, a:e] = blocks.to(out_dtype)
+        out[:, :, a:e, : blocks.shape[-1]] = blocks.to(out_dtype)
     return out
 
 
