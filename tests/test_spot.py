@@ -385,6 +385,8 @@ def test_bench_train_times_steps_and_refuses_bad_arguments(tmp_path):
     assert bad.exit_code == 2 and "steps >= 2" in bad.output and not (tmp_path / "x").exists()
     bad = runner.invoke(main, ["bench", "train", "--plan-steps", "0", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--plan-steps" in bad.output
+    bad = runner.invoke(main, ["train", "--chunk", "0", "--out", str(tmp_path / "sel")])
+    assert bad.exit_code == 2 and "--chunk" in bad.output and not list(tmp_path.glob("sel*"))
 
 
 def test_windows_draw_the_same_batches_as_before():

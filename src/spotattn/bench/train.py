@@ -41,7 +41,7 @@ def bench_train(
     seq_len: int,
     batch_size: int = 1,
     steps: int = 3,
-    chunk: int = 256,
+    chunk: int = 1024,
     num_layers: int | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
@@ -121,7 +121,7 @@ def markdown(report: dict, plan_steps: int) -> str:
 @click.option("--seq-len", default=16384, show_default=True, help="training window, tokens")
 @click.option("--batch-size", default=1, show_default=True)
 @click.option("--steps", default=3, show_default=True, help="steps to time; the first counts as warm-up")
-@click.option("--chunk", default=256, show_default=True, help="query chunk of the teacher and the loss")
+@click.option("--chunk", default=1024, show_default=True, help="query chunk of the teacher and the loss")
 @click.option("--plan-steps", default=2000, show_default=True, help="steps of the run to estimate the hours of")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default="bench_out/train", show_default=True, type=click.Path(file_okay=False))

@@ -76,7 +76,9 @@ import click
     help="How the teacher reduces over query heads: their mean attention per block, or per block the largest "
     "any head gives (renormalised), so that blocks one head reads sharply rank high.",
 )
-@click.option("--chunk", type=int, default=256, show_default=True, help="Query chunk of teacher and loss.")
+@click.option("--chunk", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Query chunk of teacher and loss: larger is faster (fewer, larger kernels) and takes more "
+                   "GPU memory (Qwen3-8B at 16K on an H100: 8.3 s and 26 GB a step at 256, 3.9 s and 30 GB at 1024).")
 @click.option("--eval-every", type=int, default=50, show_default=True)
 @click.option("--save-every", type=int, default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -413,7 +413,7 @@ class TrainConfig:
     sparse_top: int | None = None  # blocks; None = dense KL
     residual_kl: bool = False  # KL over the blocks dual top-p does not force (its default sink/recent)
     teacher_heads: str = "mean"  # mean or max over query heads (teacher_block_probs)
-    chunk: int = 256
+    chunk: int = 1024  # queries per teacher/loss chunk: 3.5x faster than 256 at 16K on an H100, +4 GB peak
     eval_every: int = 50
     eval_batches: int = 2
     eval_density: float = 0.25
