@@ -363,6 +363,7 @@ def test_distill_step_returns_the_mean_layer_loss_and_lowers_it():
             loss, grad_norm = distill_step(backbone, selector, ids, cfg, optim, sched, autocast_for(ids.device))
             losses.append(loss)
             assert math.isfinite(grad_norm) and grad_norm > 0
+    assert sched.last_epoch == cfg.steps  # the schedule stepped once per step
     assert losses[0] == pytest.approx(expected, rel=1e-5)
     assert losses[-1] < 0.7 * losses[0], losses
 
@@ -376,15 +377,23 @@ def test_bench_train_times_steps_and_refuses_bad_arguments(tmp_path):
     assert len(report["step_s_all"]) == 3 and report["step_s"] > 0
     assert report["tokens_per_s"] == pytest.approx(64 / report["step_s"])
     assert report["peak_gpu_gb"] is None  # on the CPU
-    with pytest.raises(ValueError, match="steps >= 2"):
+    with pytest.raises(ValueError, match="steps must be >= 2"):
         bench_train("smollm2-135m", seq_len=64, steps=1, num_layers=2, device="cpu")
     with pytest.raises(ValueError, match="shape must be one of"):
         bench_train("gpt-9", seq_len=64)
     runner = CliRunner()
-    bad = runner.invoke(main, ["bench", "train", "--steps", "1", "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "steps >= 2" in bad.output and not (tmp_path / "x").exists()
-    bad = runner.invoke(main, ["bench", "train", "--plan-steps", "0", "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "--plan-steps" in bad.output
+    for args, option in ((["--steps", "1"], "--steps"), (["--plan-steps", "0"], "--plan-steps"),
+                         (["--chunk", "0"], "--chunk"), (["--device", "cdua"], "--device")):
+        bad = runner.invoke(main, ["bench", "train", *args, "--out", str(tmp_path / "x")])
+        assert bad.exit_code == 2 and option in bad.output and not (tmp_path / "x").exists(), bad.output
+    if not torch.cuda.is_available():
+        bad = runner.invoke(main, ["bench", "train", "--out", str(tmp_path / "x")])
+        assert bad.exit_code == 2 and "--device cpu" in bad.output
+    ok = runner.invoke(main, ["bench", "train", "--shape", "smollm2-135m", "--seq-len", "32", "--steps", "2",
+                              "--device", "cpu", "--out", str(tmp_path / "ok")])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "ok" / "train.json").read_text())["seq_len"] == 32
+    assert "peak GPU memory" in (tmp_path / "ok" / "train.md").read_text()
     bad = runner.invoke(main, ["train", "--chunk", "0", "--out", str(tmp_path / "sel")])
     assert bad.exit_code == 2 and "--chunk" in bad.output and not list(tmp_path.glob("sel*"))
 

@@ -4,7 +4,8 @@ It runs the training step of ``spotattn train`` (:func:`spotattn.spot.train.dist
 backbone's forward with the teacher, every layer's KL backward, AdamW) on a randomly initialised model of a
 real shape (``random:<shape>``), with the default selector for that shape and random token windows. Time
 and memory depend on the shapes, not on the weights or the text, so the figures hold for the real model of
-that shape; the loss does not, and is not reported.
+that shape; the loss does not, and is not reported. It times the default recipe (one selector shared by
+all heads, the head-mean teacher, dense KL); ``--per-group`` and the other loss options cost more.
 
 Output: seconds per step (the first step, which includes warm-up, apart), tokens per second, the peak
 GPU memory of a step, the backbone's and the selector's sizes, and the hours that ``--plan-steps`` steps
@@ -49,11 +50,10 @@ def bench_train(
     """Time ``steps`` distillation steps of the default selector on a random ``shape`` model."""
     if shape not in RANDOM_SHAPES:
         raise ValueError(f"shape must be one of {sorted(RANDOM_SHAPES)}, got {shape!r}")
-    if seq_len < 16 or batch_size < 1 or steps < 2 or chunk < 1:
-        raise ValueError(
-            f"need seq_len >= 16, batch_size >= 1, steps >= 2 (the first is warm-up) and chunk >= 1; "
-            f"got seq_len={seq_len}, batch_size={batch_size}, steps={steps}, chunk={chunk}"
-        )
+    for name, value, least in (("seq_len", seq_len, 16), ("batch_size", batch_size, 1), ("steps", steps, 2),
+                               ("chunk", chunk, 1)):
+        if value < least:  # steps: the first one is warm-up and not counted
+            raise ValueError(f"{name} must be >= {least}, got {value}")
     model = random_model(shape, device=device, num_layers=num_layers)
     dev = next(model.parameters()).device
     text = model.config.get_text_config(decoder=True)
@@ -118,22 +118,33 @@ def markdown(report: dict, plan_steps: int) -> str:
 @click.command()
 @click.option("--shape", default="qwen3-8b", show_default=True, type=click.Choice(sorted(RANDOM_SHAPES)),
               help="random-weight model shape to build")
-@click.option("--seq-len", default=16384, show_default=True, help="training window, tokens")
-@click.option("--batch-size", default=1, show_default=True)
-@click.option("--steps", default=3, show_default=True, help="steps to time; the first counts as warm-up")
-@click.option("--chunk", default=1024, show_default=True, help="query chunk of the teacher and the loss")
-@click.option("--plan-steps", default=2000, show_default=True, help="steps of the run to estimate the hours of")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=16), default=16384, show_default=True,
+              help="training window, tokens")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--steps", type=click.IntRange(min=2), default=3, show_default=True,
+              help="steps to time; the first counts as warm-up")
+@click.option("--chunk", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="query chunk of the teacher and the loss")
+@click.option("--plan-steps", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="steps of the run to estimate the hours of")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (the GPU; refused without one), cuda, cuda:N or cpu (slow for real shapes)")
 @click.option("--out", default="bench_out/train", show_default=True, type=click.Path(file_okay=False))
 def train_command(shape: str, seq_len: int, batch_size: int, steps: int, chunk: int, plan_steps: int,
                   device: str, out: str) -> None:
-    """What one selector-distillation step costs on a model shape (time, memory), from random weights."""
-    if plan_steps < 1:
-        raise click.BadParameter(f"must be >= 1, got {plan_steps}", param_hint="--plan-steps")
-    try:
-        report = bench_train(shape, seq_len=seq_len, batch_size=batch_size, steps=steps, chunk=chunk, device=device)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
+    """What one selector-distillation step costs on a model shape (time, memory), from random weights.
+
+    It times the default recipe (a shared selector, the head-mean teacher, dense KL)."""
+    if device == "auto":
+        if not torch.cuda.is_available():
+            raise click.BadParameter("no GPU here; pass --device cpu to time on the CPU", param_hint="--device")
+    else:
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise click.BadParameter(f"expected auto, cpu, cuda or cuda:N, got {device!r}",
+                                     param_hint="--device") from None
+    report = bench_train(shape, seq_len=seq_len, batch_size=batch_size, steps=steps, chunk=chunk, device=device)
     report["plan_steps"] = plan_steps
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def teacher_block_probs(
             scores.masked_fill_((key_pos[:seen] < seq_start.view(b, 1, 1, 1, 1)), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         if seq_start is not None:
-            probs.nan_to_num_(0.0)  # a query inside the left padding sees no key
+            probs = probs.nan_to_num(0.0)  # a query inside the left padding sees no key (out of place: autograd)
         if heads == "mean":
             probs = probs.mean(dim=(1, 2), keepdim=True)[:, 0] if num_groups == 1 else probs.mean(dim=2)
             blocks = block_sums(probs, block_size)
