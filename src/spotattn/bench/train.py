@@ -26,7 +26,15 @@ from tqdm import tqdm
 
 from ..models import RANDOM_SHAPES, random_model
 from ..spot.selector import Selector, config_for_model
-from ..spot.train import Backbone, TrainConfig, autocast_for, distill_step, make_capture, make_optimizer
+from ..spot.train import (
+    Backbone,
+    TrainConfig,
+    autocast_for,
+    distill_step,
+    make_capture,
+    make_optimizer,
+    take_peak_gpu_gb,
+)
 
 JSON_FILE, MD_FILE = "train.json", "train.md"
 
@@ -63,8 +71,7 @@ def bench_train(
     selector = Selector(sel_cfg).to(dev)
     optim, sched = make_optimizer(selector, cfg)
     gen = torch.Generator().manual_seed(0)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    take_peak_gpu_gb(dev)  # from here on: the steps' peak, weights and optimiser state included
     times = []
     with Backbone(model, make_capture(sel_cfg, cfg, dev), sel_cfg.layer_ids) as backbone:
         for _ in tqdm(range(steps), desc=f"bench train {shape} {seq_len}", disable=not progress):
@@ -90,7 +97,7 @@ def bench_train(
         "step_s": step_s,
         "step_s_all": times,
         "tokens_per_s": batch_size * seq_len / step_s,
-        "peak_gpu_gb": torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None,
+        "peak_gpu_gb": take_peak_gpu_gb(dev),
     }
 
 

@@ -67,7 +67,7 @@ def teacher_block_probs(
         if seq_start is not None:
             probs = probs.nan_to_num(0.0)  # a query inside the left padding sees no key (out of place: autograd)
         if heads == "mean":
-            probs = probs.mean(dim=(1, 2), keepdim=True)[:, 0] if num_groups == 1 else probs.mean(dim=2)
+            probs = probs.mean(dim=(1, 2)).unsqueeze(1) if num_groups == 1 else probs.mean(dim=2)
             blocks = block_sums(probs, block_size)
         else:
             blocks = block_sums(probs, block_size).amax(dim=2)  # per block, the largest head of each group

@@ -525,7 +525,7 @@ def distill_step(
     return total / len(layer_ids), grad_norm
 
 
-def _take_peak_gb(device: torch.device) -> float | None:
+def take_peak_gpu_gb(device: torch.device) -> float | None:
     """Peak GPU memory (GB) since the last call, then reset; None off the GPU."""
     if device.type != "cuda":
         return None
@@ -624,7 +624,7 @@ def train(
         )
 
     metrics: dict[str, float] = {}
-    _take_peak_gb(device)  # the first step's peak should not include loading the model
+    take_peak_gpu_gb(device)  # the first step's peak should not include loading the model
     t0 = time.time()
     with Backbone(model, capture, sel_cfg.layer_ids) as backbone:
         bar = tqdm(
@@ -638,7 +638,7 @@ def train(
         for step in bar:
             ids = windows.batch(step, cfg.batch_size, cfg.seed).to(device)
             loss, grad_norm = distill_step(backbone, selector, ids, cfg, optim, sched, autocast)
-            step_peak = _take_peak_gb(device)  # the training step's high-water mark, evaluation apart
+            step_peak = take_peak_gpu_gb(device)  # the training step's high-water mark, evaluation apart
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
             record = {
                 "step": step + 1,
@@ -655,7 +655,7 @@ def train(
                 selector.train()
                 record.update({k: round(v, 5) for k, v in metrics.items()})
                 if device.type == "cuda":
-                    record["eval_peak_gpu_gb"] = _take_peak_gb(device)
+                    record["eval_peak_gpu_gb"] = take_peak_gpu_gb(device)
             if device.type == "cuda":
                 record["peak_gpu_gb"] = step_peak
                 bar.write(" ".join(f"{k}={v}" for k, v in record.items()))
